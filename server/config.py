@@ -1,0 +1,178 @@
+"""Typed configuration: a YAML profile, overridden by GLM_SERVE_* environment variables, overridden by
+CLI flags. Unknown keys are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ENV_PREFIX = "GLM_SERVE_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the native engine runs a model."""
+
+    model: str | None = None  # a Hugging Face-format directory; None: the embedded SmolLM2 default
+    backend: str = "native"  # native | vllm
+    device: str = "cpu"  # cpu | cuda | npu | mlu
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # KV cache size; None: derived from memory_fraction
+    memory_fraction: float = 0.9  # of free device memory for weights + KV (GPU/NPU); CPU uses kv_cache_bytes
+    num_kv_blocks: int | None = None  # overrides kv_cache_bytes when set (tests use it)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    attention_kernel: str = "reference"
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+    seed: int = 0
+    cache_dir: str | None = None  # where the embedded model is dequantized; GLM_SERVE_CACHE_DIR
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = None
+    protect_metrics: bool = False
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queued_requests: int = 256
+    drain_timeout_s: float = 30.0
+    log_prompts: bool = False
+
+
+@dataclass(slots=True)
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    profile: str = "cpu"
+    description: str = ""
+    models: list[dict[str, Any]] = field(default_factory=list)  # models the profile is known to fit
+    extra: dict[str, Any] = field(default_factory=dict)  # sections owned by other modules (overflow, usage)
+
+
+_EXTRA_SECTIONS = {"overflow", "usage", "vllm", "notes"}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a profile (a path, or a name under configs/), then env, then explicit overrides.
+
+    overrides use dotted keys: {"engine.model": "...", "server.port": 8001}."""
+    data: dict[str, Any] = {}
+    profile = "cpu"
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            p = CONFIG_DIR / f"{path}.yaml"
+        if not p.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(p.read_text()) or {}
+        profile = p.stem
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    top_known = {"engine", "server", "profile", "description", "models"} | _EXTRA_SECTIONS
+    for key in data:
+        if key not in top_known:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(top_known))})")
+    engine_vals = dict(data.get("engine") or {})
+    server_vals = dict(data.get("server") or {})
+    for key, value in _env_overrides().items():
+        _set_dotted(engine_vals, server_vals, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(engine_vals, server_vals, key, value)
+    cfg = Config(
+        engine=_build(EngineConfig, engine_vals, "engine"),
+        server=_build(ServerConfig, server_vals, "server"),
+        profile=str(data.get("profile", profile)),
+        description=str(data.get("description", "")),
+        models=list(data.get("models") or []),
+        extra={k: data[k] for k in _EXTRA_SECTIONS if k in data},
+    )
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(engine_vals: dict, server_vals: dict, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    target = {"engine": engine_vals, "server": server_vals}.get(section)
+    if target is None or not name:
+        raise ConfigError(f"unknown config key '{key}'")
+    target[name] = value
+
+
+def _env_overrides() -> dict[str, Any]:
+    """GLM_SERVE_ENGINE__MAX_NUM_SEQS=8 -> engine.max_num_seqs = 8 (typed from the dataclass field)."""
+    out: dict[str, Any] = {}
+    types = {f"engine.{f.name}": f.type for f in fields(EngineConfig)}
+    types |= {f"server.{f.name}": f.type for f in fields(ServerConfig)}
+    for name, raw in os.environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        dotted = f"{section}.{key}"
+        if dotted not in types:
+            raise ConfigError(f"unknown config key '{dotted}' from environment variable {name}")
+        out[dotted] = _coerce(raw, str(types[dotted]))
+    return out
+
+
+def _coerce(raw: str, type_name: str) -> Any:
+    if "bool" in type_name:
+        return raw.lower() in ("1", "true", "yes", "on")
+    if "int" in type_name and raw.lstrip("-").isdigit():
+        return int(raw)
+    if "float" in type_name:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    if "list" in type_name:
+        return [s for s in raw.split(",") if s]
+    return raw
+
+
+def validate(cfg: Config) -> None:
+    e = cfg.engine
+    if e.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"engine.dtype must be float32, bfloat16 or float16, not {e.dtype!r}")
+    if e.block_size <= 0 or e.block_size & (e.block_size - 1):
+        raise ConfigError(f"engine.block_size must be a power of two, not {e.block_size}")
+    if e.max_num_seqs < 1:
+        raise ConfigError("engine.max_num_seqs must be >= 1")
+    if e.max_num_batched_tokens < 1:
+        raise ConfigError("engine.max_num_batched_tokens must be >= 1")
+    if e.backend not in ("native", "vllm"):
+        raise ConfigError(f"engine.backend must be native or vllm, not {e.backend!r}")
+    if not 0.0 < e.memory_fraction <= 1.0:
+        raise ConfigError("engine.memory_fraction must be in (0, 1]")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

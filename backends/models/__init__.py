@@ -1,0 +1,20 @@
+"""Model implementations by config.json model_type, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+MODEL_REGISTRY: dict[str, str] = {
+    "llama": "backends.models.llama:LlamaForCausalLM",
+}
+
+
+def model_class(model_type: str):
+    path = MODEL_REGISTRY.get(model_type)
+    if path is None:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by the native engine "
+            f"(supported: {', '.join(sorted(MODEL_REGISTRY))})"
+        )
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,116 @@
+"""Helpers for engine tests: model directories and a synchronous way to run requests."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+from pathlib import Path
+
+import torch
+
+from server.config import EngineConfig
+from server.engine import NativeEngine
+from server.engine_api import GenerateRequest
+from server.scheduler.request import SamplingParams
+
+
+@functools.cache
+def smollm_dir() -> Path:
+    from backends.loader import resolve_model_dir
+
+    return resolve_model_dir(None)
+
+
+def make_tiny_llama(root: Path, seed: int = 0) -> Path:
+    """A random 2-layer llama with SmolLM2's tokenizer (a real tokenizer and chat template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        initializer_range=0.3,  # peaked logits: greedy choices are not near-ties
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    out = root / "tiny-llama"
+    model.save_pretrained(out)
+    src = smollm_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def start_engine(model_dir: Path | None, **overrides) -> NativeEngine:
+    cfg = EngineConfig(model=str(model_dir) if model_dir else None, **overrides)
+    engine = NativeEngine(cfg)
+    engine.load_model()
+    return engine
+
+
+def run_requests(engine: NativeEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+    """Run all requests concurrently through the engine; returns per request its token ids, text and
+    finish reason (n == 1)."""
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))))
+        finally:
+            await engine.shutdown()
+
+    async def one(i, prompt, sp):
+        tokens, text, reason = [], "", None
+        async for d in engine.generate(GenerateRequest(f"req-{i}", prompt, sp)):
+            tokens += d.token_ids
+            text += d.text
+            reason = d.finish_reason
+        return {"tokens": tokens, "text": text, "finish_reason": reason}
+
+    return asyncio.run(main())
+
+
+def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
+    """Wrap the engine's sampler to keep, per request, the logits it was given at each step."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    sampler = engine.runner.sampler
+    original = sampler.__call__
+
+    def recording(logits, reqs):
+        for row, req in zip(logits, reqs, strict=True):
+            seen.setdefault(req.request_id, []).append(row.clone())
+        return original(logits, reqs)
+
+    engine.runner.sampler = type(
+        "Recording", (), {"__call__": staticmethod(recording), "release": sampler.release}
+    )()
+    return seen

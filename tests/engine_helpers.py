@@ -84,7 +84,9 @@ def run_requests(engine: NativeEngine, prompts: list[list[int]], params: list[Sa
     async def main():
         await engine.start()
         try:
-            return await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))))
+            return await asyncio.gather(
+                *(one(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True)))
+            )
         finally:
             await engine.shutdown()
 

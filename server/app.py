@@ -1,0 +1,196 @@
+"""create_app(config, engine) -> FastAPI.
+
+The engine comes up in the background (so /health answers 503 while it loads) and goes down after a
+drain: stop admitting, let in-flight requests finish within drain_timeout_s, then engine.shutdown().
+Around the routes: the request observer (metrics, access log, in-flight count), API-key checks, and the
+body-size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.config import Config, ConfigError, ServerConfig
+from server.engine_api import Engine
+from server.errors import body_too_large, install_error_handlers, unauthorized
+from server.metrics import RequestObserver, ServerMetrics
+from server.routes import chat, completions, health, metrics, models, tokenize
+from server.routes.deps import ServingState
+
+log = logging.getLogger("glm_serve.app")
+EngineSource = Engine | Callable[[], Engine]  # an engine, or a factory run in a thread at startup
+ABORT_GRACE_S = 2.0  # after aborting what outlived the drain: time for those responses to end
+
+
+def create_app(
+    config: Config,
+    engine: EngineSource,
+    *,
+    manage_engine: bool = True,
+    on_engine_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """manage_engine=False: the caller starts and shuts down the engine (tests share one engine among
+    several apps). on_engine_failure is called if the engine cannot be built or started."""
+    serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
+    lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
+    app = FastAPI(title="glm-serve", summary="OpenAI-compatible server for GLM models", lifespan=lifespan)
+    app.state.serving = serving
+    install_error_handlers(app)
+    for module in (chat, completions, models, tokenize, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
+    app.add_middleware(ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics)
+    app.add_middleware(RequestObserver, metrics=serving.metrics, serving=serving)
+    return app
+
+
+def served_model_name(config: Config, engine: Engine) -> str:
+    """--served-model-name, else the model directory's name, else what the engine calls its model."""
+    if config.server.served_model_name:
+        return config.server.served_model_name
+    if config.engine.model:
+        return Path(config.engine.model).name or config.engine.model
+    return engine.model_name
+
+
+def _make_lifespan(
+    serving: ServingState,
+    source: EngineSource,
+    manage_engine: bool,
+    on_failure: Callable[[BaseException], None] | None,
+) -> Callable[[FastAPI], AsyncIterator[None]]:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        startup = asyncio.create_task(_bring_up(serving, source, manage_engine, on_failure))
+        try:
+            yield
+        finally:
+            await _wind_down(serving, startup, manage_engine)
+
+    return lifespan
+
+
+async def _bring_up(
+    serving: ServingState, source: EngineSource, manage_engine: bool, on_failure: Callable[[BaseException], None] | None
+) -> None:
+    try:
+        engine = source if hasattr(source, "generate") else await asyncio.to_thread(source)  # type: ignore[operator]
+        if manage_engine:
+            await engine.start()
+        serving.engine = engine
+        serving.served_model_name = served_model_name(serving.config, engine)
+        serving.metrics.bind(engine, serving.served_model_name)
+        serving.ready = True
+        log.info("serving %s (max_model_len %d)", serving.served_model_name, engine.max_model_len)
+    except Exception as exc:
+        serving.failure = f"{type(exc).__name__}: {exc}"
+        log.exception("the engine failed to start")
+        if on_failure is not None:
+            on_failure(exc)
+
+
+async def wait_for_in_flight(serving: ServingState, deadline: float) -> bool:
+    """Wait until no request is in flight or the monotonic deadline passes; True if idle."""
+    while serving.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return serving.in_flight == 0
+
+
+async def _wind_down(serving: ServingState, startup: asyncio.Task, manage_engine: bool) -> None:
+    serving.draining = True
+    deadline = time.monotonic() + serving.config.server.drain_timeout_s
+    if not await wait_for_in_flight(serving, deadline):
+        log.warning("drain timeout: %d requests still in flight are aborted", serving.in_flight)
+        await serving.abort_in_flight()
+        await wait_for_in_flight(serving, time.monotonic() + ABORT_GRACE_S)
+    if not startup.done():
+        startup.cancel()
+        await asyncio.gather(startup, return_exceptions=True)
+    if manage_engine and serving.engine is not None:
+        await serving.engine.shutdown(drain_timeout=max(0.0, deadline - time.monotonic()))
+    log.info("engine shut down")
+
+
+# -- middleware -----------------------------------------------------------------------------------------
+def load_api_keys(server: ServerConfig) -> list[bytes]:
+    keys = list(server.api_keys)
+    if server.api_key_file:
+        path = Path(server.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"api_key_file not found: {path}")
+        lines = (line.strip() for line in path.read_text().splitlines())
+        keys += [line for line in lines if line and not line.startswith("#")]
+    return [key.encode() for key in keys]
+
+
+class ApiKeyCheck:
+    """401 unless 'Authorization: Bearer <key>' matches a configured key (compared in constant time,
+    against every key). /health and /version stay open; /metrics is open unless protect_metrics."""
+
+    def __init__(self, app: ASGIApp, *, keys: list[bytes], protect_metrics: bool) -> None:
+        self.app = app
+        self.keys = keys
+        self.open_paths = {"/health", "/version"} | (set() if protect_metrics else {"/metrics"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            await unauthorized().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, presented = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            presented = b""
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(presented.strip(), key)
+        return matched
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=body_too_large(limit).message)
+
+
+class BodyLimit:
+    """413 for a body over the limit: at once by Content-Length, or as soon as a streamed (chunked) body
+    passes it. The error raised from receive() is an HTTPException so FastAPI's body reader re-raises it."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await body_too_large(self.limit).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)

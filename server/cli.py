@@ -1,0 +1,134 @@
+"""`glm-serve serve`: load a profile, apply the flags, build the engine, serve it with uvicorn.
+
+SIGTERM (or Ctrl-C) drains: new requests get 503 and /health turns 503 while in-flight requests finish,
+for at most server.drain_timeout_s; then uvicorn stops, the engine shuts down, and the process exits 0.
+A second signal stops at once."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.app import create_app
+from server.config import CONFIG_DIR, Config, ConfigError, load_config
+from server.engine_api import Engine
+from server.routes.deps import ServingState
+
+log = logging.getLogger("glm_serve.cli")
+SHUTDOWN_GRACE_S = 2.0  # after the drain: how long uvicorn waits for connections before cancelling them
+
+
+def build_engine(cfg: Config, factory: str | None = None) -> Engine:
+    """The engine for a profile. `factory` ("module:callable", called with the EngineConfig) replaces
+    the backend: the HTTP tests use it to serve a test double from a real `glm-serve serve` process."""
+    if factory:
+        module_name, _, attr = factory.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(cfg.engine)
+    if cfg.engine.backend == "native":
+        from server.engine import NativeEngine
+
+        return NativeEngine(cfg.engine)
+    if cfg.engine.backend == "vllm":
+        from backends.vllm_engine import VllmEngine
+
+        return VllmEngine(cfg.engine)
+    raise ConfigError(f"unknown engine backend {cfg.engine.backend!r}")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain phase before its own shutdown and exit status 0 after a signal."""
+
+    def __init__(self, config: uvicorn.Config, serving: ServingState) -> None:
+        super().__init__(config)
+        self.serving = serving
+        self.drain_deadline: float | None = None
+        self.exit_code = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_deadline is None and not self.should_exit:
+            timeout = self.serving.config.server.drain_timeout_s
+            log.info("signal %d: draining (%d in flight, up to %.0f s)", sig, self.serving.in_flight, timeout)
+            self.serving.draining = True
+            self.drain_deadline = time.monotonic() + timeout
+        elif self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True  # a second signal ends the drain
+
+    async def on_tick(self, counter: int) -> bool:
+        exiting = await super().on_tick(counter)
+        if not exiting and self.drain_deadline is not None:
+            exiting = self.serving.in_flight == 0 or time.monotonic() >= self.drain_deadline
+        if exiting and self.serving.in_flight:
+            log.warning("drain over: aborting %d requests still in flight", self.serving.in_flight)
+            await self.serving.abort_in_flight()  # their responses end cleanly before uvicorn stops
+        return exiting
+
+    def fail(self, exc: BaseException) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "engine.model": args.model,
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.api_key_file": args.api_key_file,
+        "server.served_model_name": args.served_model_name,
+    }
+    holder: dict[str, DrainingServer] = {}
+    try:
+        cfg = load_config(args.config, overrides)
+        app = create_app(
+            cfg, lambda: build_engine(cfg, args.engine_factory), on_engine_failure=lambda exc: holder["server"].fail(exc)
+        )
+    except ConfigError as exc:
+        print(f"glm-serve: {exc}", file=sys.stderr)
+        return 2
+    uv_config = uvicorn.Config(
+        app, host=cfg.server.host, port=cfg.server.port, log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=30,
+    )  # fmt: skip
+    server = holder["server"] = DrainingServer(uv_config, app.state.serving)
+    server.run()
+    return server.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm-serve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve a model behind the OpenAI-compatible API")
+    serve_cmd.add_argument("--config", default=str(CONFIG_DIR / "cpu.yaml"), help="profile: a YAML path or a name in configs/")
+    serve_cmd.add_argument("--model", help="a Hugging Face-format model directory (default: the profile's model)")
+    serve_cmd.add_argument("--host", help="address to listen on (default: the profile's, 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port to listen on (default: the profile's, 8000)")
+    serve_cmd.add_argument("--api-key-file", help="file with one API key per line; requests must present one")
+    serve_cmd.add_argument("--served-model-name", help="model name clients use (default: the model directory's name)")
+    serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve_cmd.add_argument("--engine-factory", help=argparse.SUPPRESS)  # tests: "module:callable"
+    serve_cmd.set_defaults(func=serve)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", "info"))
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

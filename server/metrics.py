@@ -1,0 +1,175 @@
+"""Prometheus metrics under vLLM's names, one registry per app, and the per-request observer middleware
+(HTTP counts by route and status, the structured access log, the in-flight count that draining waits on).
+
+Gauges and token counters are read from the engine at scrape time (engine.load(), engine.stats());
+latency histograms and finish reasons are observed by the routes as requests run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine_api import Engine
+from server.errors import internal_error
+
+access_log = logging.getLogger("glm_serve.access")
+log = logging.getLogger("glm_serve.http")
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+QUIET_PATHS = frozenset({"/health", "/metrics"})  # not in-flight work; their access lines are DEBUG
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series, as vLLM (process-wide in prometheus_client)
+        self.registry = CollectorRegistry()
+        self.engine: Engine | None = None
+        self.model_name = ""
+        r, m = self.registry, ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", m, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", m, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", m, buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before its first scheduled step (up to its first token when the engine does "
+            "not report when it was scheduled).",
+            m,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.request_success = Counter(
+            "vllm:request_success", "Finished sequences by finish reason.", [*m, "finished_reason"], registry=r
+        )
+        self.http_requests = Counter(
+            "glm_serve:http_requests", "HTTP requests by route and status.", ["method", "route", "status"], registry=r
+        )
+        r.register(_EngineCollector(self))
+
+    def bind(self, engine: Engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self._ttft, self._itl = self.ttft.labels(model_name), self.itl.labels(model_name)
+        self._e2e, self._queue = self.e2e.labels(model_name), self.queue_time.labels(model_name)
+
+    def observe_first_token(self, ttft_s: float, queue_s: float) -> None:
+        self._ttft.observe(max(0.0, ttft_s))
+        self._queue.observe(max(0.0, queue_s))
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self._itl.observe(max(0.0, seconds))
+
+    def observe_finished(self, finish_reason: str, e2e_s: float) -> None:
+        self.request_success.labels(self.model_name, finish_reason).inc()
+        self._e2e.observe(max(0.0, e2e_s))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Engine gauges and counters, read when Prometheus scrapes."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # -> Iterator[Metric]
+        engine = self._metrics.engine
+        if engine is None:
+            return
+        labels = [self._metrics.model_name]
+        load = engine.load()
+        gauges = {
+            "vllm:num_requests_running": ("Requests running on the engine.", load.num_running),
+            "vllm:num_requests_waiting": ("Requests waiting to be scheduled.", load.num_waiting),
+            "vllm:kv_cache_usage_perc": ("KV-cache usage, 0 to 1.", load.kv_usage),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, float(value))
+            yield family
+        stats = engine.stats()
+        counters = {
+            "vllm:prompt_tokens": ("Prefill tokens processed.", "prompt_tokens_total"),
+            "vllm:generation_tokens": ("Generation tokens produced.", "generation_tokens_total"),
+            "vllm:num_preemptions": ("Preemptions by the scheduler.", "num_preemptions_total"),
+        }
+        for name, (doc, key) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, float(stats.get(key, 0.0)))
+            yield family
+
+
+class InFlight(Protocol):
+    in_flight: int
+    log_prompts: bool
+
+
+class RequestObserver:
+    """ASGI middleware around everything: counts requests by route and status, writes one JSON access
+    line per request (fields the routes put in request.state.access), keeps the in-flight count, and
+    turns an unexpected exception into a 500 whose detail goes to the log only."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, serving: InFlight) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.serving = serving
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        access: dict[str, Any] = {}
+        scope.setdefault("state", {})["access"] = access
+        status = 500
+        response_started = False
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+            await send(message)
+
+        counted = path not in QUIET_PATHS
+        self.serving.in_flight += counted
+        try:
+            await self.app(scope, receive, observing_send)
+        except Exception:
+            request_id = access.get("id") or f"req-{uuid.uuid4().hex[:12]}"
+            log.exception("unhandled error in %s %s (request id %s)", scope["method"], path, request_id)
+            status = 500
+            if not response_started:
+                await internal_error(request_id).response()(scope, receive, send)
+        finally:
+            self.serving.in_flight -= counted
+            status = access.pop("status", status)
+            route = scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            self.metrics.http_requests.labels(scope["method"], route_path, str(status)).inc()
+            self._log(scope, path, status, time.perf_counter() - started, access)
+
+    def _log(self, scope: Scope, path: str, status: int, latency_s: float, access: dict[str, Any]) -> None:
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        if not self.serving.log_prompts:
+            access.pop("prompt", None)
+        line = {"method": scope["method"], "path": path, "status": status, **access, "latency_s": round(latency_s, 4)}
+        access_log.log(level, json.dumps(line, default=str))

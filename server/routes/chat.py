@@ -1,0 +1,176 @@
+"""POST /v1/chat/completions: render the conversation with the model's chat template, generate, and
+answer with OpenAI's chat.completion object or a stream of chat.completion.chunk events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server.chat_template import (
+    add_json_object_hint,
+    check_template_kwargs,
+    encode_prompt,
+    normalize_messages,
+    render_chat,
+    select_tools,
+)
+from server.engine_api import Delta, Engine, GenerateRequest
+from server.errors import bad_request
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    DeltaMessage,
+)
+from server.routes.chat_output import (
+    MessageAccumulator,
+    MessageDelta,
+    OutputProcessor,
+    chat_logprobs,
+    make_output_processor,
+)
+from server.routes.deps import admit, check_model, get_state, ready_engine
+from server.routes.generation import SSE_DONE, Generation, respond, sse_event, stream_error_event
+from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
+
+router = APIRouter()
+
+
+@dataclass(slots=True)
+class ChatContext:
+    request_id: str
+    created: int
+    model: str
+    top_logprobs: int | None  # None: no logprobs requested
+    include_usage: bool
+    processors: list[OutputProcessor]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = ready_engine(state)
+    model = check_model(state, body.model)
+    check_common_fields(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    prompt_text, prompt_ids, tools, template_kwargs = _render_prompt(body, engine)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), engine.max_model_len, "messages")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs)
+    admit(state, engine)
+
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    access = request.scope.setdefault("state", {}).setdefault("access", {})
+    access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text)
+    generate_request = GenerateRequest(request_id, prompt_ids, params, n=body.n, arrival_time=time.monotonic())
+    generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    processors = [make_output_processor(engine.tokenizer, tools, template_kwargs) for _ in range(body.n)]
+    context = ChatContext(request_id, int(time.time()), model, top_logprobs, include_usage, processors)
+    return await respond(
+        request, generation, request_id, stream=body.stream,
+        stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),
+    )  # fmt: skip
+
+
+def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None, dict]:
+    messages = normalize_messages(body.messages)
+    add_json_object_hint(messages, body.response_format)
+    tools = select_tools(body.tools, body.tool_choice)
+    template_kwargs = check_template_kwargs(body.chat_template_kwargs)
+    prompt_text = render_chat(
+        engine.tokenizer, messages, tools=tools, add_generation_prompt=body.add_generation_prompt,
+        template_kwargs=template_kwargs,
+    )  # fmt: skip
+    return prompt_text, encode_prompt(engine.tokenizer, prompt_text, add_special_tokens=False), tools, template_kwargs
+
+
+def _finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:
+    if engine_reason == "stop" and has_tool_calls:
+        return "tool_calls"
+    return engine_reason
+
+
+async def _complete(context: ChatContext, generation: Generation) -> Response:
+    n = len(context.processors)
+    messages = [MessageAccumulator() for _ in range(n)]
+    logprobs: list[list[ChatTokenLogprob]] = [[] for _ in range(n)]
+    async for delta in generation:
+        processor, message = context.processors[delta.index], messages[delta.index]
+        message.add(processor.feed(delta.text))
+        if delta.finished:
+            message.add(processor.finish())
+        if context.top_logprobs is not None and delta.logprobs:
+            logprobs[delta.index].extend(chat_logprobs(delta.logprobs, context.top_logprobs))
+    choices = []
+    for i, message in enumerate(messages):
+        state = generation.choices[i]
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message.message(),
+                logprobs=ChatLogprobs(content=logprobs[i]) if context.top_logprobs is not None else None,
+                finish_reason=_finish_reason(state.finish_reason, message.has_tool_calls),
+                stop_reason=state.stop_reason,
+            )
+        )
+    response = ChatCompletionResponse(
+        id=context.request_id, created=context.created, model=context.model, choices=choices,
+        usage=generation.usage(),
+    )  # fmt: skip
+    return Response(response.model_dump_json(), media_type="application/json", headers={"X-Request-Id": context.request_id})
+
+
+def _chunk(context: ChatContext, choices: list[ChatChunkChoice], usage=None) -> bytes:
+    chunk = ChatCompletionChunk(
+        id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+    )
+    return sse_event(chunk.model_dump_json())
+
+
+async def _stream_chunks(context: ChatContext, generation: Generation) -> AsyncIterator[bytes]:
+    n = len(context.processors)
+    called_tools = [False] * n
+    try:
+        for i in range(n):
+            yield _chunk(context, [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        async for delta in generation:
+            choice = _stream_choice(context, delta, called_tools)
+            if choice is not None:
+                yield _chunk(context, [choice])
+        if context.include_usage:
+            yield _chunk(context, [], usage=generation.usage())
+    except Exception as exc:
+        yield stream_error_event(exc, context.request_id)
+    yield SSE_DONE
+
+
+def _stream_choice(context: ChatContext, delta: Delta, called_tools: list[bool]) -> ChatChunkChoice | None:
+    processor = context.processors[delta.index]
+    message: MessageDelta = processor.feed(delta.text)
+    if delta.finished:
+        message = message.merge(processor.finish())
+    called_tools[delta.index] = called_tools[delta.index] or bool(message.tool_calls)
+    logprobs = None
+    if context.top_logprobs is not None and delta.logprobs:
+        logprobs = ChatLogprobs(content=chat_logprobs(delta.logprobs, context.top_logprobs))
+    if message.is_empty() and not delta.finished and logprobs is None:
+        return None
+    return ChatChunkChoice(
+        index=delta.index,
+        delta=message.to_stream_delta(),
+        logprobs=logprobs,
+        finish_reason=_finish_reason(delta.finish_reason, called_tools[delta.index]),
+        stop_reason=delta.stop_reason if delta.finished else None,
+    )

@@ -1,0 +1,130 @@
+"""From generated text to the assistant message: content, reasoning and tool calls.
+
+Each chat choice gets an OutputProcessor: feed(text) -> MessageDelta as text arrives, finish() at the
+end. make_output_processor() is the single place where a model-specific parser plugs in; today every
+model gets the pass-through (all text is content)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.engine_api import TokenLogprob
+from server.protocol import (
+    AssistantMessage,
+    ChatTokenLogprob,
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCallOut,
+    ToolCallOut,
+    TopLogprobOut,
+)
+
+
+@dataclass(slots=True)
+class MessageDelta:
+    content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[DeltaToolCall] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.content or self.reasoning_content or self.tool_calls)
+
+    def merge(self, other: MessageDelta) -> MessageDelta:
+        return MessageDelta(
+            self.content + other.content, self.reasoning_content + other.reasoning_content,
+            self.tool_calls + other.tool_calls,
+        )  # fmt: skip
+
+    def to_stream_delta(self, *, role: bool = False) -> DeltaMessage:
+        return DeltaMessage(
+            role="assistant" if role else None,
+            content=self.content or None,
+            reasoning_content=self.reasoning_content or None,
+            tool_calls=self.tool_calls or None,
+        )
+
+
+class OutputProcessor(Protocol):
+    def feed(self, text: str) -> MessageDelta: ...
+
+    def finish(self) -> MessageDelta: ...
+
+
+class PassThroughProcessor:
+    """All generated text is content."""
+
+    def feed(self, text: str) -> MessageDelta:
+        return MessageDelta(content=text)
+
+    def finish(self) -> MessageDelta:
+        return MessageDelta()
+
+
+def make_output_processor(
+    tokenizer: Any, tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]
+) -> OutputProcessor:
+    """The output processor for one chat choice.
+
+    Plug-in point for server/parsers: when the model's chat template is a GLM one, return an adapter over
+    GlmOutputParser(tools=tools, fmt=..., starts_in_reasoning=template_kwargs.get("enable_thinking", True))
+    whose feed/finish return the reasoning/content/tool-call deltas. Until then, text passes through."""
+    return PassThroughProcessor()
+
+
+class MessageAccumulator:
+    """Gathers one choice's MessageDeltas into the final assistant message (non-streaming responses)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, delta: MessageDelta) -> None:
+        if delta.content:
+            self.content.append(delta.content)
+        if delta.reasoning_content:
+            self.reasoning.append(delta.reasoning_content)
+        for call in delta.tool_calls:
+            slot = self.calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] = call.id or slot["id"]
+            if call.function is not None:
+                slot["name"] += call.function.name or ""
+                slot["arguments"] += call.function.arguments or ""
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return bool(self.calls)
+
+    def message(self) -> AssistantMessage:
+        tool_calls = [
+            ToolCallOut(id=c["id"] or f"call_{i}", function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+            for i, c in sorted(self.calls.items())
+        ]
+        return AssistantMessage(
+            content="".join(self.content) if self.content or not tool_calls else None,
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=tool_calls or None,
+        )
+
+
+def delta_tool_call(index: int, call_id: str | None, name: str | None, arguments: str | None) -> DeltaToolCall:
+    """Helper for parsers: one streamed tool-call fragment."""
+    return DeltaToolCall(
+        index=index, id=call_id, type="function" if call_id else None,
+        function=DeltaFunctionCall(name=name, arguments=arguments),
+    )  # fmt: skip
+
+
+def chat_logprobs(entries: list[TokenLogprob], top_n: int) -> list[ChatTokenLogprob]:
+    return [
+        ChatTokenLogprob(
+            token=e.token,
+            logprob=e.logprob,
+            bytes=list(e.token.encode("utf-8")),
+            top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")))
+                          for t in e.top[:top_n]],
+        )  # fmt: skip
+        for e in entries
+    ]

@@ -1,0 +1,194 @@
+"""POST /v1/completions: a prompt (text, token ids, or a batch of either) in, text_completion out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server.chat_template import encode_prompt
+from server.engine_api import Engine, GenerateRequest, TokenLogprob
+from server.errors import bad_request
+from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.routes.deps import admit, check_model, get_state, ready_engine
+from server.routes.generation import SSE_DONE, Generation, respond, sse_event, stream_error_event
+from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
+
+router = APIRouter()
+
+
+@dataclass(slots=True)
+class Prompt:
+    text: str
+    token_ids: list[int]
+
+
+class LogprobsBuilder:
+    """OpenAI's legacy logprobs for one choice; text_offset counts characters from the start of the
+    choice's text (echoed prompt included), in the stream as in the full response."""
+
+    def __init__(self, top_n: int) -> None:
+        self.top_n = top_n
+        self.offset = 0
+        self.total = CompletionLogprobs()
+
+    def add_prompt(self, tokens: list[str]) -> CompletionLogprobs:
+        """Echoed prompt tokens: their logprobs are not computed, so they are null."""
+        return self._append(tokens, [None] * len(tokens), [None] * len(tokens))
+
+    def add(self, entries: list[TokenLogprob]) -> CompletionLogprobs:
+        tops: list[dict[str, float] | None] = [
+            {e.token: e.logprob, **{t.token: t.logprob for t in e.top[: self.top_n]}} for e in entries
+        ]
+        return self._append([e.token for e in entries], [e.logprob for e in entries], tops)
+
+    def _append(self, tokens: list[str], logprobs: list, tops: list) -> CompletionLogprobs:
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        part = CompletionLogprobs(text_offset=offsets, token_logprobs=logprobs, tokens=tokens, top_logprobs=tops)
+        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+            getattr(self.total, name).extend(getattr(part, name))
+        return part
+
+
+@dataclass(slots=True)
+class CompletionContext:
+    request_id: str
+    created: int
+    model: str
+    prompts: list[Prompt]
+    n: int
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    token_strings: list[list[str]]  # per prompt, for echoed logprobs
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = ready_engine(state)
+    model = check_model(state, body.model)
+    check_common_fields(body)
+    if body.suffix:
+        raise bad_request("'suffix' is not supported.", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("'best_of' is not supported (other than equal to 'n').", param="best_of")
+    prompts = _prompts(body.prompt, engine)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    arrival = time.monotonic()
+    requests = []
+    for i, prompt in enumerate(prompts):
+        max_tokens = resolve_max_tokens(body.max_tokens, len(prompt.token_ids), engine.max_model_len, "prompt")
+        params = to_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
+    admit(state, engine)
+
+    access = request.scope.setdefault("state", {}).setdefault("access", {})
+    access.update(id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts])
+    generation = Generation(engine, state.metrics, requests, access, state.generations)
+    token_strings = [[engine.tokenizer.decode([t]) for t in p.token_ids] for p in prompts] if body.echo else []
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    context = CompletionContext(
+        request_id, int(time.time()), model, prompts, body.n, body.echo, body.logprobs, include_usage, token_strings
+    )
+    return await respond(
+        request, generation, request_id, stream=body.stream,
+        stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),
+    )  # fmt: skip
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine) -> list[Prompt]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("The prompt is empty.", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]  # one prompt of token ids
+    vocab_size = len(engine.tokenizer)
+    out = []
+    for item in prompt:
+        if isinstance(item, str):
+            out.append(Prompt(item, encode_prompt(engine.tokenizer, item, add_special_tokens=True)))
+            continue
+        if any(not 0 <= t < vocab_size for t in item):
+            raise bad_request(f"Prompt token ids must be in [0, {vocab_size}).", param="prompt")
+        out.append(Prompt(engine.tokenizer.decode(item), list(item)))
+    return out
+
+
+def _new_builders(context: CompletionContext) -> list[LogprobsBuilder | None]:
+    if context.logprobs is None:
+        return [None] * (len(context.prompts) * context.n)
+    return [LogprobsBuilder(context.logprobs) for _ in range(len(context.prompts) * context.n)]
+
+
+async def _complete(context: CompletionContext, generation: Generation) -> Response:
+    count = len(context.prompts) * context.n
+    texts: list[list[str]] = [[] for _ in range(count)]
+    builders = _new_builders(context)
+    for i in range(count):
+        if context.echo:
+            texts[i].append(context.prompts[i // context.n].text)
+            if builders[i] is not None:
+                builders[i].add_prompt(context.token_strings[i // context.n])
+    async for delta in generation:
+        texts[delta.index].append(delta.text)
+        builder = builders[delta.index]
+        if builder is not None and delta.logprobs:
+            builder.add(delta.logprobs)
+    choices = [
+        CompletionChoice(
+            index=i,
+            text="".join(texts[i]),
+            logprobs=builders[i].total if builders[i] is not None else None,
+            finish_reason=generation.choices[i].finish_reason,
+            stop_reason=generation.choices[i].stop_reason,
+        )
+        for i in range(count)
+    ]
+    response = CompletionResponse(
+        id=context.request_id, created=context.created, model=context.model, choices=choices,
+        usage=generation.usage(),
+    )  # fmt: skip
+    return Response(response.model_dump_json(), media_type="application/json", headers={"X-Request-Id": context.request_id})
+
+
+def _chunk(context: CompletionContext, choices: list[CompletionChoice], usage=None) -> bytes:
+    chunk = CompletionResponse(
+        id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+    )
+    return sse_event(chunk.model_dump_json())
+
+
+async def _stream_chunks(context: CompletionContext, generation: Generation) -> AsyncIterator[bytes]:
+    builders = _new_builders(context)
+    try:
+        if context.echo:
+            for i, builder in enumerate(builders):
+                prompt_index = i // context.n
+                logprobs = builder.add_prompt(context.token_strings[prompt_index]) if builder is not None else None
+                choice = CompletionChoice(index=i, text=context.prompts[prompt_index].text, logprobs=logprobs)
+                yield _chunk(context, [choice])
+        async for delta in generation:
+            builder = builders[delta.index]
+            logprobs = builder.add(delta.logprobs) if builder is not None and delta.logprobs else None
+            if not delta.text and not delta.finished and logprobs is None:
+                continue
+            choice = CompletionChoice(
+                index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                stop_reason=delta.stop_reason if delta.finished else None,
+            )  # fmt: skip
+            yield _chunk(context, [choice])
+        if context.include_usage:
+            yield _chunk(context, [], usage=generation.usage())
+    except Exception as exc:
+        yield stream_error_event(exc, context.request_id)
+    yield SSE_DONE

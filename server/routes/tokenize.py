@@ -1,0 +1,48 @@
+"""POST /tokenize and /detokenize, as vLLM's server has them: a prompt is tokenized as /v1/completions
+does, messages as /v1/chat/completions does, so clients can count tokens exactly as usage will."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server.chat_template import encode_prompt, normalize_messages, render_chat, select_tools
+from server.errors import bad_request
+from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.routes.deps import check_model, get_state, ready_engine
+
+router = APIRouter()
+
+
+@router.post("/tokenize", response_model=None)
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = ready_engine(state)
+    check_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("Give exactly one of 'prompt' or 'messages'.", param="prompt")
+    if body.messages is not None:
+        text = render_chat(
+            engine.tokenizer, normalize_messages(body.messages), tools=select_tools(body.tools, None),
+            add_generation_prompt=body.add_generation_prompt, template_kwargs=body.chat_template_kwargs,
+        )  # fmt: skip
+        add_special = bool(body.add_special_tokens)
+    else:
+        text = body.prompt or ""
+        add_special = body.add_special_tokens is not False
+    tokens = encode_prompt(engine.tokenizer, text, add_special_tokens=add_special)
+    token_strs = engine.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    result = TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=token_strs)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.post("/detokenize", response_model=None)
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = ready_engine(state)
+    check_model(state, body.model)
+    vocab_size = len(engine.tokenizer)
+    if any(not 0 <= t < vocab_size for t in body.tokens):
+        raise bad_request(f"Token ids must be in [0, {vocab_size}).", param="tokens")
+    return Response(DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump_json(),
+                    media_type="application/json")  # fmt: skip

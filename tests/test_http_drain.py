@@ -1,0 +1,193 @@
+"""SIGTERM on a real `python -m server.cli serve` process: it stops admitting (503, /health 503), lets
+in-flight streams finish (or cuts them at the drain timeout), and exits 0. Also the CLI's flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import served_model_name
+from server.cli import build_parser
+from server.config import load_config
+from tests.conftest import ENGINE_FACTORY, TEST_PROFILE, free_port, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+MESSAGES = [{"role": "user", "content": "Write a long poem."}]
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_serve(tmp_path: Path, drain_timeout_s: float, token_delay_s: float = 0.01) -> ServeProcess:
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        GLM_SERVE_SERVER__DRAIN_TIMEOUT_S=str(drain_timeout_s),
+        GLM_SERVE_ENGINE__MAX_MODEL_LEN="1024",
+        GLM_FAKE_TOKEN_DELAY_S=str(token_delay_s),
+        PYTHONPATH=str(REPO),
+    )
+    log_path = tmp_path / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(TEST_PROFILE), "--port", str(port),
+           "--served-model-name", "drain-test", "--engine-factory", ENGINE_FACTORY]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServeProcess(proc, port, log_path)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early ({proc.returncode}):\n{server.log()}")
+        try:
+            return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(healthy, timeout=300, interval=0.1), server.log()
+    return server
+
+
+@dataclass
+class StreamResult:
+    started: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    saw_done: bool = False
+    error_event: dict | None = None
+    error: BaseException | None = None
+
+
+def stream_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, StreamResult]:
+    result = StreamResult()
+    body = {"model": "drain-test", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+    def run() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        result.saw_done = True
+                        continue
+                    chunk = json.loads(line[6:])
+                    result.error_event = chunk.get("error") or result.error_event
+                    if chunk.get("usage"):
+                        result.completion_tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        result.started.set()
+                        result.finish_reason = choice.get("finish_reason") or result.finish_reason
+        except BaseException as exc:  # recorded for the assertion in the test thread
+            result.error = exc
+        finally:
+            result.started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
+    server = start_serve(tmp_path, drain_timeout_s=60)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/v1/models").json()["data"][0]["id"] == "drain-test"
+    max_tokens = 120
+    streams = [stream_in_thread(server.url, max_tokens) for _ in range(3)]
+    for _, result in streams:
+        assert result.started.wait(120) and result.error is None
+    server.proc.send_signal(signal.SIGTERM)
+
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        def refused() -> bool:
+            response = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+            return response.status_code == 503 and response.json()["error"]["code"] == "server_draining"
+
+        assert wait_until(refused, timeout=5), server.log()
+        assert http.get("/health").status_code == 503
+    for thread, result in streams:
+        thread.join(120)
+        assert result.error is None, result.error
+        assert result.finish_reason == "length" and result.completion_tokens == max_tokens and result.saw_done
+    assert server.proc.wait(60) == 0, server.log()
+    assert "draining" in server.log()
+
+
+def test_sigterm_drain_timeout_cuts_long_requests(tmp_path):
+    server = start_serve(tmp_path, drain_timeout_s=0.5, token_delay_s=0.02)
+    thread, result = stream_in_thread(server.url, max_tokens=900)
+    assert result.started.wait(120)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.log()
+    assert time.monotonic() - started < 15
+    thread.join(30)
+    assert result.finish_reason is None  # cut before the end, cleanly: an error event, then [DONE]
+    assert result.error_event["code"] == "request_aborted" and result.saw_done
+
+
+def test_second_signal_stops_at_once(tmp_path):
+    server = start_serve(tmp_path, drain_timeout_s=60, token_delay_s=0.02)
+    thread, result = stream_in_thread(server.url, max_tokens=900)
+    assert result.started.wait(120)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.log()
+    thread.join(30)
+
+
+def test_cli_flags_override_the_profile(tmp_path):
+    args = build_parser().parse_args(
+        ["serve", "--model", "/models/GLM-4.5-Air", "--host", "0.0.0.0", "--port", "9001",
+         "--api-key-file", "keys.txt", "--served-model-name", "glm"]
+    )  # fmt: skip
+    assert (args.config, args.model, args.port) == (str(TEST_PROFILE), "/models/GLM-4.5-Air", 9001)
+    cfg = load_config(args.config, {"engine.model": args.model, "server.host": args.host, "server.port": args.port})
+    assert (cfg.engine.model, cfg.server.host, cfg.server.port) == ("/models/GLM-4.5-Air", "0.0.0.0", 9001)
+
+    class Named:
+        model_name = "engine-name"
+
+    assert served_model_name(cfg, Named()) == "GLM-4.5-Air"  # the model directory's name
+    cfg.server.served_model_name = "glm"
+    assert served_model_name(cfg, Named()) == "glm"
+    default = load_config(TEST_PROFILE)
+    assert served_model_name(default, Named()) == "engine-name"  # the embedded default: the engine's name
+
+
+def test_missing_api_key_file_fails_fast(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--api-key-file", str(tmp_path / "nope.txt")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "api_key_file" in (result.stderr + result.stdout)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_console_script_help(argv):
+    script = Path(sys.executable).with_name("glm-serve")
+    if not script.exists():
+        pytest.skip("glm-serve console script not installed in this environment")
+    result = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "glm-serve" in result.stdout

@@ -116,3 +116,27 @@ def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
         "Recording", (), {"__call__": staticmethod(recording), "release": sampler.release}
     )()
     return seen
+
+
+def check_parity(model_dir: Path, prompts: list[list[int]], max_new: int = 20, **overrides) -> float:
+    """Run the prompts concurrently through the engine (greedy) and through transformers' generate on the same
+    checkpoint (fp32): same tokens, and every step's logits within 1e-4 relative. Returns the largest relative
+    logit difference seen."""
+    from server.scheduler.request import SamplingParams
+
+    engine = start_engine(model_dir, **overrides)
+    logits = record_logits(engine)
+    params = [SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True) for _ in prompts]
+    results = run_requests(engine, prompts, params)
+    ref = hf_model(model_dir)
+    worst = 0.0
+    for i, (prompt, res) in enumerate(zip(prompts, results, strict=True)):
+        assert res["tokens"] == hf_greedy(ref, prompt, max_new), f"request {i}: greedy tokens differ"
+        with torch.inference_mode():
+            full = ref(torch.tensor([prompt + res["tokens"][:-1]])).logits[0, len(prompt) - 1 :]
+        ours = torch.stack(logits[f"req-{i}"])
+        assert ours.shape == full.shape
+        rel = ((ours - full).abs().max() / full.abs().max()).item()
+        assert rel < 1e-4, f"request {i}: logits differ by {rel:.2e} relative"
+        worst = max(worst, rel)
+    return worst

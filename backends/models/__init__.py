@@ -6,6 +6,9 @@ import importlib
 
 MODEL_REGISTRY: dict[str, str] = {
     "llama": "backends.models.llama:LlamaForCausalLM",
+    "glm4_moe": "backends.models.glm4_moe:Glm4MoeForCausalLM",
+    "glm4_moe_lite": "backends.models.glm4_moe_lite:Glm4MoeLiteForCausalLM",
+    "glm_moe_dsa": "backends.models.glm_moe_dsa:GlmMoeDsaForCausalLM",
 }
 
 

@@ -1,0 +1,80 @@
+"""GLM-4.5 / 4.6 / 4.7 (model_type glm4_moe): GQA attention with partial rotary (the first half of each
+head by default), optional q/k RMSNorm and q/k/v bias, over the paged KV cache; MoE from moe.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
+from backends.models.moe import GlmCausalLM, Slot, StepState
+from kernels.reference import AttentionMetadata, paged_attention, write_kv
+
+
+class Glm4MoeAttention(nn.Module):
+    def __init__(self, config, rope: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.use_qk_norm = bool(getattr(config, "use_qk_norm", False))
+        if self.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rope = rope
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q), self.rope(positions, k)
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def checkpoint_slot(self, rest: str) -> Slot | None:
+        proj, _, kind = rest.partition(".")
+        spans = {
+            "q_proj": (0, self.q_size),
+            "k_proj": (self.q_size, self.kv_size),
+            "v_proj": (self.q_size + self.kv_size, self.kv_size),
+        }
+        if proj not in spans or kind not in ("weight", "bias"):
+            return None
+        start, size = spans[proj]
+        return f"qkv.{kind}", slice(start, start + size)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Glm4MoeForCausalLM(GlmCausalLM):
+    def __init__(self, config):
+        dim = head_dim(config)
+        params = rope_parameters(config)
+        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5))
+        rope = RotaryEmbedding(config, int(dim * factor), config.max_position_embeddings)
+        super().__init__(config, lambda _layer: Glm4MoeAttention(config, rope))
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in self.layers
+        ]

@@ -118,10 +118,12 @@ def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
     return seen
 
 
-def check_parity(model_dir: Path, prompts: list[list[int]], max_new: int = 20, **overrides) -> float:
+def check_parity(
+    model_dir: Path, prompts: list[list[int]], max_new: int = 20, **overrides
+) -> tuple[float, NativeEngine]:
     """Run the prompts concurrently through the engine (greedy) and through transformers' generate on the same
     checkpoint (fp32): same tokens, and every step's logits within 1e-4 relative. Returns the largest relative
-    logit difference seen."""
+    logit difference seen, and the engine (for its stats)."""
     from server.scheduler.request import SamplingParams
 
     engine = start_engine(model_dir, **overrides)
@@ -139,4 +141,4 @@ def check_parity(model_dir: Path, prompts: list[list[int]], max_new: int = 20, *
         rel = ((ours - full).abs().max() / full.abs().max()).item()
         assert rel < 1e-4, f"request {i}: logits differ by {rel:.2e} relative"
         worst = max(worst, rel)
-    return worst
+    return worst, engine

@@ -1,0 +1,117 @@
+"""Multi-head latent attention (MLA) of GLM-4.7-Flash and GLM-5 over the latent paged cache.
+
+Queries come from a low-rank path (q_a_proj -> RMSNorm -> q_b_proj) or one q_proj; keys and values from a
+shared latent c = RMSNorm(kv_a) of kv_lora_rank dims plus one roped key k_pe of qk_rope_head_dim dims
+shared by all heads. The cache stores [c | k_pe] per token; kv_b_proj's key and value halves are absorbed
+into the query and the output (kernels/mla_reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
+from backends.models.moe import GlmCausalLM, StepState
+from kernels.mla_reference import mla_paged_attention, write_rows
+from kernels.reference import AttentionMetadata
+
+
+class MlaRope(nn.Module):
+    """RoPE on the last dim. Interleaved (DeepSeek layout): pair (x[2i], x[2i+1]) is rotated by frequency i
+    and the result is laid out as all first members then all second members, as transformers does; queries
+    and keys get the same layout, so their dot products are those of the interleaved rotation."""
+
+    def __init__(self, config, dim: int):
+        super().__init__()
+        self.interleaved = bool(getattr(config, "rope_interleave", True))
+        self.table = RotaryEmbedding(config, dim, config.max_position_embeddings)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, dim]."""
+        if not self.interleaved:
+            return self.table(positions, x)
+        cos = self.table.cos[positions][:, None, :].to(x.dtype)
+        sin = self.table.sin[positions][:, None, :].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def softmax_scale(config) -> float:
+    """1/sqrt(qk_head_dim), times YaRN's mscale^2 when the rope scaling asks for it (mscale_all_dim)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = rope_parameters(config)
+    factor, mscale_all_dim = params.get("factor", 1.0), params.get("mscale_all_dim", 0)
+    if params.get("rope_type", "default") != "default" and mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class MlaAttention(nn.Module):
+    def __init__(self, config, rope: MlaRope):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.rank = config.kv_lora_rank
+        self.q_lora_rank = getattr(config, "q_lora_rank", None)
+        hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
+        q_out = self.num_heads * (self.nope_dim + self.rope_dim)
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.rope = rope
+        self.scale = softmax_scale(config)
+
+    def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
+        q_resid = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q_nope, q_pe = self.queries(x, q_resid, positions)
+        cache = self.write_latent(x, positions, kv_cache, meta)
+        return self.attend(q_nope, q_pe, cache, meta, None)
+
+    def queries(self, x, q_resid, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q_b_proj(q_resid) if q_resid is not None else self.q_proj(x)
+        q_nope, q_pe = q.view(-1, self.num_heads, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1
+        )
+        return q_nope, self.rope(positions, q_pe)
+
+    def write_latent(self, x, positions, cache: torch.Tensor, meta) -> torch.Tensor:
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        k_pe = self.rope(positions, k_pe[:, None, :])[:, 0]
+        write_rows(cache, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), meta)
+        return cache
+
+    def attend(self, q_nope, q_pe, cache, meta, selection: list[torch.Tensor] | None) -> torch.Tensor:
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        o_latent = mla_paged_attention(q_latent, q_pe, cache, meta, self.scale, selection)
+        out = torch.einsum("thr,hvr->thv", o_latent, w_uv)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
+
+
+class MlaCausalLM(GlmCausalLM):
+    """A GLM MoE model whose layers use MLA: one latent cache tensor per layer."""
+
+    def __init__(self, config, make_attention=None):
+        rope = MlaRope(config, config.qk_rope_head_dim)
+        super().__init__(config, make_attention or (lambda _layer: MlaAttention(config, rope)))
+        self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return len(self.layers) * self.latent_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
+        shape = (num_blocks, block_size, self.latent_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]

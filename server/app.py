@@ -48,7 +48,9 @@ def create_app(
     for module in (chat, completions, models, tokenize, health, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
-    app.add_middleware(ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics)
+    app.add_middleware(
+        ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
+    )
     app.add_middleware(RequestObserver, metrics=serving.metrics, serving=serving)
     return app
 
@@ -80,7 +82,10 @@ def _make_lifespan(
 
 
 async def _bring_up(
-    serving: ServingState, source: EngineSource, manage_engine: bool, on_failure: Callable[[BaseException], None] | None
+    serving: ServingState,
+    source: EngineSource,
+    manage_engine: bool,
+    on_failure: Callable[[BaseException], None] | None,
 ) -> None:
     try:
         engine = source if hasattr(source, "generate") else await asyncio.to_thread(source)  # type: ignore[operator]

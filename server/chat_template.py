@@ -21,14 +21,14 @@ JSON_OBJECT_HINT = "Respond with a single valid JSON object and nothing else."
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the template: text parts joined into one string, tool-call arguments
-    given as JSON strings turned into objects (templates such as GLM's iterate over them)."""
+    """Messages as plain dicts for the template: content always a string (text parts joined, None as
+    ""), tool-call arguments given as JSON strings turned into objects (GLM's template iterates them)."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):
             item["content"] = _join_text_parts(message.content, i)
-        elif message.content is None and message.role != "assistant":
+        elif message.content is None:  # e.g. an assistant turn with only tool calls
             item["content"] = ""
         for call in item.get("tool_calls") or []:
             call["function"]["arguments"] = _arguments_as_object(call["function"].get("arguments"))
@@ -62,7 +62,11 @@ def add_json_object_hint(messages: list[dict[str, Any]], response_format: Respon
     """response_format json_object: steer the model with a system instruction (no constrained decoding)."""
     if response_format is None or response_format.type != "json_object":
         return
-    if messages and messages[0]["role"] in ("system", "developer") and isinstance(messages[0].get("content"), str):
+    if (
+        messages
+        and messages[0]["role"] in ("system", "developer")
+        and isinstance(messages[0].get("content"), str)
+    ):
         messages[0]["content"] = f"{messages[0]['content']}\n\n{JSON_OBJECT_HINT}"
     else:
         messages.insert(0, {"role": "system", "content": JSON_OBJECT_HINT})
@@ -109,14 +113,18 @@ def render_chat(
 ) -> str:
     """The prompt text of a conversation, rendered by the model's chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("This model has no chat template; use /v1/completions with a prompt.", param="messages")
+        raise bad_request(
+            "This model has no chat template; use /v1/completions with a prompt.", param="messages"
+        )
     kwargs = check_template_kwargs(template_kwargs)
     try:
         text = tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
-        raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from exc
+        raise bad_request(
+            f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
     if not isinstance(text, str):  # some tokenizers return a list for batched input
         raise bad_request("The chat template did not render a single prompt.", param="messages")
     return text

@@ -90,7 +90,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides)
         app = create_app(
-            cfg, lambda: build_engine(cfg, args.engine_factory), on_engine_failure=lambda exc: holder["server"].fail(exc)
+            cfg,
+            lambda: build_engine(cfg, args.engine_factory),
+            on_engine_failure=lambda exc: holder["server"].fail(exc),
         )
     except ConfigError as exc:
         print(f"glm-serve: {exc}", file=sys.stderr)
@@ -108,12 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-serve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="serve a model behind the OpenAI-compatible API")
-    serve_cmd.add_argument("--config", default=str(CONFIG_DIR / "cpu.yaml"), help="profile: a YAML path or a name in configs/")
-    serve_cmd.add_argument("--model", help="a Hugging Face-format model directory (default: the profile's model)")
+    serve_cmd.add_argument(
+        "--config", default=str(CONFIG_DIR / "cpu.yaml"), help="profile: a YAML path or a name in configs/"
+    )
+    serve_cmd.add_argument(
+        "--model", help="a Hugging Face-format model directory (default: the profile's model)"
+    )
     serve_cmd.add_argument("--host", help="address to listen on (default: the profile's, 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (default: the profile's, 8000)")
     serve_cmd.add_argument("--api-key-file", help="file with one API key per line; requests must present one")
-    serve_cmd.add_argument("--served-model-name", help="model name clients use (default: the model directory's name)")
+    serve_cmd.add_argument(
+        "--served-model-name", help="model name clients use (default: the model directory's name)"
+    )
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve_cmd.add_argument("--engine-factory", help=argparse.SUPPRESS)  # tests: "module:callable"
     serve_cmd.set_defaults(func=serve)

@@ -5,7 +5,6 @@ Routes raise APIError (or one of the helpers below); FastAPI's validation errors
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -54,13 +53,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def sse_error_event(error: APIError) -> bytes:
-    """An error after a stream has started: one SSE event carrying the error object (then [DONE])."""
-    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -91,7 +87,9 @@ def unavailable(message: str, retry_after_s: float = 1.0, code: str = "service_u
 
 def internal_error(request_id: str | None = None) -> APIError:
     where = f" (request id {request_id})" if request_id else ""
-    return APIError(500, f"Internal server error{where}; the details are in the server log.", code="internal_error")
+    return APIError(
+        500, f"Internal server error{where}; the details are in the server log.", code="internal_error"
+    )
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
@@ -111,7 +109,9 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"The request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
     param = _param_from_loc(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param:
-        return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return bad_request(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     message = first.get("msg", "Invalid value")
     where = f"'{param}'" if param else "the request body"
     return bad_request(f"Invalid value for {where}: {message}.", param=param, code="invalid_value")
@@ -135,7 +135,9 @@ async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         message = "Not found. The routes are /v1/chat/completions, /v1/completions, /v1/models and friends."
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-    error = APIError(exc.status_code, message, code=codes.get(exc.status_code), headers=getattr(exc, "headers", None))
+    error = APIError(
+        exc.status_code, message, code=codes.get(exc.status_code), headers=getattr(exc, "headers", None)
+    )
     return error.response()
 
 

@@ -38,10 +38,18 @@ class ServerMetrics:
         self.engine: Engine | None = None
         self.model_name = ""
         r, m = self.registry, ["model_name"]
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", m, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", m, buckets=ITL_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", m, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Inter-token latency.", m, buckets=ITL_BUCKETS, registry=r
+        )
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", m, buckets=REQUEST_BUCKETS, registry=r
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            m,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self.queue_time = Histogram(
             "vllm:request_queue_time_seconds",
@@ -52,10 +60,16 @@ class ServerMetrics:
             registry=r,
         )
         self.request_success = Counter(
-            "vllm:request_success", "Finished sequences by finish reason.", [*m, "finished_reason"], registry=r
+            "vllm:request_success",
+            "Finished sequences by finish reason.",
+            [*m, "finished_reason"],
+            registry=r,
         )
         self.http_requests = Counter(
-            "glm_serve:http_requests", "HTTP requests by route and status.", ["method", "route", "status"], registry=r
+            "glm_serve:http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=r,
         )
         r.register(_EngineCollector(self))
 
@@ -171,5 +185,11 @@ class RequestObserver:
             return
         if not self.serving.log_prompts:
             access.pop("prompt", None)
-        line = {"method": scope["method"], "path": path, "status": status, **access, "latency_s": round(latency_s, 4)}
+        line = {
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            **access,
+            "latency_s": round(latency_s, 4),
+        }
         access_log.log(level, json.dumps(line, default=str))

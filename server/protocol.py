@@ -1,7 +1,9 @@
-"""Pydantic models of the OpenAI schemas this server speaks: requests, responses, stream chunks.
+"""Pydantic models of the OpenAI schemas this server speaks: requests and responses.
 
 Requests ignore unknown fields (clients send many we do not use); ranges are checked here so that a bad
-value is a 400 naming the field. Cross-field rules live in server/routes/sampling.py."""
+value is a 400 naming the field. Cross-field rules live in server/routes/sampling.py. Stream chunks are
+encoded as plain dicts by server/routes/sse.py (the per-token hot path); their pieces that are models
+here (Usage, logprobs, DeltaToolCall) are dumped into them."""
 
 from __future__ import annotations
 
@@ -204,19 +206,6 @@ class AssistantMessage(BaseModel):
         return _drop_none(handler(self), keep=("content",))
 
 
-class DeltaMessage(BaseModel):
-    """A stream delta carries only the keys it sets, as OpenAI's chunks do."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: Any) -> dict[str, Any]:
-        return _drop_none(handler(self))
-
-
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -235,24 +224,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
     system_fingerprint: str | None = None
 
 

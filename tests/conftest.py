@@ -47,7 +47,6 @@ def http_config(**server_overrides: Any) -> Config:
     return load_config(TEST_PROFILE, overrides)
 
 
-
 class LoopThread:
     """An asyncio event loop running in a daemon thread."""
 
@@ -113,7 +112,9 @@ def start_server(loop_thread: LoopThread, app: Any, *, wait_ready: bool = True) 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     future = loop_thread.submit(server.serve(sockets=[sock]))
     handle = ServerHandle(app, server, future, port)

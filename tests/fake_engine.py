@@ -116,7 +116,11 @@ class FakeEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._dead = False
-        self._counters = {"prompt_tokens_total": 0.0, "generation_tokens_total": 0.0, "num_preemptions_total": 0.0}
+        self._counters = {
+            "prompt_tokens_total": 0.0,
+            "generation_tokens_total": 0.0,
+            "num_preemptions_total": 0.0,
+        }
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -199,7 +203,9 @@ class FakeEngine:
         if n_prompt == 0:
             raise EngineError("the prompt is empty")
         if n_prompt + request.params.max_tokens > self.max_model_len:
-            raise EngineError(f"{n_prompt} prompt tokens + {request.params.max_tokens} > {self.max_model_len}")
+            raise EngineError(
+                f"{n_prompt} prompt tokens + {request.params.max_tokens} > {self.max_model_len}"
+            )
         if request.request_id in self._requests:
             raise EngineError(f"duplicate request id {request.request_id}")
 
@@ -212,7 +218,9 @@ class FakeEngine:
         return random.Random(seed * 1_000_003 + index)
 
     def _used_blocks(self) -> int:
-        return sum(math.ceil((len(c.prompt_ids) + len(c.output_ids)) / self.block_size) for c in self._running)
+        return sum(
+            math.ceil((len(c.prompt_ids) + len(c.output_ids)) / self.block_size) for c in self._running
+        )
 
     def _abort_now(self, request_id: str) -> None:
         request = self._requests.get(request_id)
@@ -270,7 +278,9 @@ class FakeEngine:
         if finish is None and len(choice.output_ids) >= params.max_tokens:
             finish = "length"
         if finish is None:
-            self._emit(choice, [token_id], request, upto=max(choice.emitted_chars, len(choice.text) - held_back))
+            self._emit(
+                choice, [token_id], request, upto=max(choice.emitted_chars, len(choice.text) - held_back)
+            )
         else:
             self._finish(choice, finish, stop_reason, request, last_token=token_id)
 
@@ -297,7 +307,11 @@ class FakeEngine:
         text = choice.text[choice.emitted_chars : upto]
         choice.emitted_chars = max(choice.emitted_chars, upto)
         params = request.gen.params
-        logprobs = [self._logprob(choice, t, params.logprobs) for t in token_ids] if params.logprobs is not None else None
+        logprobs = (
+            [self._logprob(choice, t, params.logprobs) for t in token_ids]
+            if params.logprobs is not None
+            else None
+        )
         choice.queue.put_nowait(
             Delta(
                 index=choice.index,
@@ -312,7 +326,12 @@ class FakeEngine:
         )
 
     def _finish(
-        self, choice: _Choice, reason: str, stop_reason: int | str | None, request: _Request, last_token: int | None = None
+        self,
+        choice: _Choice,
+        reason: str,
+        stop_reason: int | str | None,
+        request: _Request,
+        last_token: int | None = None,
     ) -> None:
         choice.finished = True
         if choice in self._running:
@@ -320,12 +339,16 @@ class FakeEngine:
         if choice in self._waiting:
             self._waiting.remove(choice)
         token_ids = [last_token] if last_token is not None else []
-        self._emit(choice, token_ids, request, upto=len(choice.text), finish_reason=reason, stop_reason=stop_reason)
+        self._emit(
+            choice, token_ids, request, upto=len(choice.text), finish_reason=reason, stop_reason=stop_reason
+        )
 
     def _logprob(self, choice: _Choice, token_id: int, k: int) -> TokenLogprob:
         token = self.tokenizer.decode([token_id])
         value = -round(0.05 + (zlib.crc32(bytes([token_id % 256, choice.index])) % 1000) / 400, 4)
         alternatives = [t for t in self._alphabet if t != token_id][: max(0, k - 1)]
         top = [TopLogprob(token_id, token, value)] if k > 0 else []
-        top += [TopLogprob(t, self.tokenizer.decode([t]), value - 1.0 - i) for i, t in enumerate(alternatives)]
+        top += [
+            TopLogprob(t, self.tokenizer.decode([t]), value - 1.0 - i) for i, t in enumerate(alternatives)
+        ]
         return TokenLogprob(token_id, token, value, top)

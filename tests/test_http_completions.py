@@ -30,7 +30,9 @@ def test_plain_completion(server, client):
     assert response.usage.prompt_tokens == len(token_ids(server))
     assert response.usage.completion_tokens == 6
     with server.http() as http:
-        raw = http.post("/v1/completions", json={"model": response.model, "prompt": PROMPT, "max_tokens": 2}).json()
+        raw = http.post(
+            "/v1/completions", json={"model": response.model, "prompt": PROMPT, "max_tokens": 2}
+        ).json()
     Completion.model_validate(raw)
 
 
@@ -67,7 +69,9 @@ def test_logprobs_with_and_without_echo(server, client):
     lp = echoed.choices[0].logprobs
     n_prompt = echoed.usage.prompt_tokens
     assert len(lp.tokens) == n_prompt + 5
-    assert lp.token_logprobs[:n_prompt] == [None] * n_prompt and lp.top_logprobs[:n_prompt] == [None] * n_prompt
+    assert (
+        lp.token_logprobs[:n_prompt] == [None] * n_prompt and lp.top_logprobs[:n_prompt] == [None] * n_prompt
+    )
     assert all(isinstance(x, float) for x in lp.token_logprobs[n_prompt:])
     assert lp.text_offset[n_prompt] >= len(PROMPT) - 1
 
@@ -97,7 +101,9 @@ def test_token_id_prompts_and_batches(server, client):
 
 def test_stop_and_seed(server, client):
     full = complete(client, server, max_tokens=30, temperature=0, extra_body=LONG).choices[0].text
-    stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip() == full[i : i + 2])
+    stop = next(
+        full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip() == full[i : i + 2]
+    )
     cut = complete(client, server, max_tokens=30, temperature=0, stop=[stop], extra_body=LONG).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop)]
     a = complete(client, server, max_tokens=12, temperature=1.0, seed=3).choices[0].text

@@ -119,6 +119,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     server.proc.send_signal(signal.SIGTERM)
 
     with httpx.Client(base_url=server.url, timeout=10) as http:
+
         def refused() -> bool:
             response = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
             return response.status_code == 503 and response.json()["error"]["code"] == "server_draining"
@@ -163,7 +164,9 @@ def test_cli_flags_override_the_profile(tmp_path):
          "--api-key-file", "keys.txt", "--served-model-name", "glm"]
     )  # fmt: skip
     assert (args.config, args.model, args.port) == (str(TEST_PROFILE), "/models/GLM-4.5-Air", 9001)
-    cfg = load_config(args.config, {"engine.model": args.model, "server.host": args.host, "server.port": args.port})
+    cfg = load_config(
+        args.config, {"engine.model": args.model, "server.host": args.host, "server.port": args.port}
+    )
     assert (cfg.engine.model, cfg.server.host, cfg.server.port) == ("/models/GLM-4.5-Air", "0.0.0.0", 9001)
 
     class Named:
@@ -174,6 +177,14 @@ def test_cli_flags_override_the_profile(tmp_path):
     assert served_model_name(cfg, Named()) == "glm"
     default = load_config(TEST_PROFILE)
     assert served_model_name(default, Named()) == "engine-name"  # the embedded default: the engine's name
+
+
+def test_engine_that_cannot_be_built_exits_nonzero():
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()),
+           "--engine-factory", "tests.fake_engine:NoSuchEngine"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "the engine failed to start" in result.stderr
 
 
 def test_missing_api_key_file_fails_fast(tmp_path):

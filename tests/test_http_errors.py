@@ -15,7 +15,9 @@ from tests.conftest import API_KEY, DeadEngine, FailingEngine, QueueFullEngine
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(
+    response: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -60,8 +62,10 @@ def post_completion(server, **body):
         ({"stop": ""}, "stop"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages.0.content.0.type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+        ),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
         ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
@@ -96,7 +100,9 @@ def test_completion_invalid_fields_are_400(server, body, param):
 def test_invalid_json_is_400(server):
     with server.http() as http:
         response = http.post(
-            "/v1/chat/completions", content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}
+            "/v1/chat/completions",
+            content=b'{"model": "x", "messages": [',
+            headers={"content-type": "application/json"},
         )
     assert_error(response, 400, code="invalid_json")
 
@@ -107,7 +113,9 @@ def test_context_length_is_400(server, engine):
     long_prompt = list(range(1, 50)) * (engine.max_model_len // 40)
     assert_error(post_completion(server, prompt=long_prompt, max_tokens=1), 400, param="prompt",
                  code="context_length_exceeded")  # fmt: skip
-    assert_error(post_completion(server, max_tokens=engine.max_model_len), 400, code="context_length_exceeded")
+    assert_error(
+        post_completion(server, max_tokens=engine.max_model_len), 400, code="context_length_exceeded"
+    )
 
 
 def test_unknown_model_is_404(server):
@@ -226,7 +234,13 @@ def test_error_after_stream_started_is_an_sse_event(make_server, engine):
         for _ in server.client().chat.completions.create(stream=True, **{k: body[k] for k in ("model", "messages")},
                                                           extra_body={"ignore_eos": True}, max_tokens=20):  # fmt: skip
             pass
-    completion = {"model": body["model"], "prompt": "hi", "max_tokens": 20, "stream": True, "ignore_eos": True}
+    completion = {
+        "model": body["model"],
+        "prompt": "hi",
+        "max_tokens": 20,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with server.http() as http, http.stream("POST", "/v1/completions", json=completion) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and '"error"' in events[-2]

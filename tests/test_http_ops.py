@@ -98,7 +98,9 @@ def _access_records(caplog) -> list[dict]:
 def test_access_log_line_per_request(make_server, caplog):
     server = make_server()
     with caplog.at_level(logging.INFO, logger="glm_serve.access"):
-        server.client().chat.completions.create(model=server.serving.served_model_name, messages=MESSAGES, max_tokens=3)
+        server.client().chat.completions.create(
+            model=server.serving.served_model_name, messages=MESSAGES, max_tokens=3
+        )
         with server.http() as http:
             http.post("/v1/chat/completions", json={"messages": []})
         # the line is written when the response is complete, which may be just after the client has it
@@ -176,8 +178,10 @@ def test_concurrent_streaming_clients(server, engine):
     results = asyncio.run(run_all())
     with server.http() as http:
         counts = [
-            http.post("/tokenize", json={"messages": [{"role": "user", "content": f"Client {i}: count to {i % 7 + 3}."}]})
-            .json()["count"]
+            http.post(
+                "/tokenize",
+                json={"messages": [{"role": "user", "content": f"Client {i}: count to {i % 7 + 3}."}]},
+            ).json()["count"]
             for i in range(clients)
         ]
     for (text, usage, finishes), prompt_tokens in zip(results, counts, strict=True):

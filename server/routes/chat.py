@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -23,13 +24,10 @@ from server.engine_api import Delta, Engine, GenerateRequest
 from server.errors import bad_request
 from server.protocol import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatTokenLogprob,
-    DeltaMessage,
 )
 from server.routes.chat_output import (
     MessageAccumulator,
@@ -39,8 +37,9 @@ from server.routes.chat_output import (
     make_output_processor,
 )
 from server.routes.deps import admit, check_model, get_state, ready_engine
-from server.routes.generation import SSE_DONE, Generation, respond, sse_event, stream_error_event
+from server.routes.generation import Generation, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
+from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 
 router = APIRouter()
 
@@ -53,6 +52,7 @@ class ChatContext:
     top_logprobs: int | None  # None: no logprobs requested
     include_usage: bool
     processors: list[OutputProcessor]
+    encoder: ChunkEncoder
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -73,11 +73,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     access = request.scope.setdefault("state", {}).setdefault("access", {})
     access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text)
-    generate_request = GenerateRequest(request_id, prompt_ids, params, n=body.n, arrival_time=time.monotonic())
-    generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    processors = [make_output_processor(engine.tokenizer, tools, template_kwargs) for _ in range(body.n)]
-    context = ChatContext(request_id, int(time.time()), model, top_logprobs, include_usage, processors)
+    processors = [
+        make_output_processor(engine.tokenizer, prompt_text, tools, template_kwargs) for _ in range(body.n)
+    ]
+    created = int(time.time())
+    encoder = ChunkEncoder(request_id, "chat.completion.chunk", created, model)
+    context = ChatContext(request_id, created, model, top_logprobs, include_usage, processors, encoder)
+    generate_request = GenerateRequest(
+        request_id, prompt_ids, params, n=body.n, arrival_time=time.monotonic()
+    )
+    generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
     return await respond(
         request, generation, request_id, stream=body.stream,
         stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),
@@ -93,7 +99,12 @@ def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, li
         engine.tokenizer, messages, tools=tools, add_generation_prompt=body.add_generation_prompt,
         template_kwargs=template_kwargs,
     )  # fmt: skip
-    return prompt_text, encode_prompt(engine.tokenizer, prompt_text, add_special_tokens=False), tools, template_kwargs
+    return (
+        prompt_text,
+        encode_prompt(engine.tokenizer, prompt_text, add_special_tokens=False),
+        tools,
+        template_kwargs,
+    )
 
 
 def _finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:
@@ -129,34 +140,33 @@ async def _complete(context: ChatContext, generation: Generation) -> Response:
         id=context.request_id, created=context.created, model=context.model, choices=choices,
         usage=generation.usage(),
     )  # fmt: skip
-    return Response(response.model_dump_json(), media_type="application/json", headers={"X-Request-Id": context.request_id})
-
-
-def _chunk(context: ChatContext, choices: list[ChatChunkChoice], usage=None) -> bytes:
-    chunk = ChatCompletionChunk(
-        id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+    return Response(
+        response.model_dump_json(),
+        media_type="application/json",
+        headers={"X-Request-Id": context.request_id},
     )
-    return sse_event(chunk.model_dump_json())
 
 
 async def _stream_chunks(context: ChatContext, generation: Generation) -> AsyncIterator[bytes]:
     n = len(context.processors)
     called_tools = [False] * n
+    encoder = context.encoder
     try:
         for i in range(n):
-            yield _chunk(context, [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            role = {"role": "assistant", "content": ""}
+            yield encoder.choice({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
         async for delta in generation:
             choice = _stream_choice(context, delta, called_tools)
             if choice is not None:
-                yield _chunk(context, [choice])
+                yield encoder.choice(choice)
         if context.include_usage:
-            yield _chunk(context, [], usage=generation.usage())
+            yield encoder.usage(generation.usage())
     except Exception as exc:
-        yield stream_error_event(exc, context.request_id)
+        yield error_event(exc, context.request_id)
     yield SSE_DONE
 
 
-def _stream_choice(context: ChatContext, delta: Delta, called_tools: list[bool]) -> ChatChunkChoice | None:
+def _stream_choice(context: ChatContext, delta: Delta, called_tools: list[bool]) -> dict[str, Any] | None:
     processor = context.processors[delta.index]
     message: MessageDelta = processor.feed(delta.text)
     if delta.finished:
@@ -164,13 +174,15 @@ def _stream_choice(context: ChatContext, delta: Delta, called_tools: list[bool])
     called_tools[delta.index] = called_tools[delta.index] or bool(message.tool_calls)
     logprobs = None
     if context.top_logprobs is not None and delta.logprobs:
-        logprobs = ChatLogprobs(content=chat_logprobs(delta.logprobs, context.top_logprobs))
+        logprobs = {"content": [e.model_dump() for e in chat_logprobs(delta.logprobs, context.top_logprobs)]}
     if message.is_empty() and not delta.finished and logprobs is None:
         return None
-    return ChatChunkChoice(
-        index=delta.index,
-        delta=message.to_stream_delta(),
-        logprobs=logprobs,
-        finish_reason=_finish_reason(delta.finish_reason, called_tools[delta.index]),
-        stop_reason=delta.stop_reason if delta.finished else None,
-    )
+    choice: dict[str, Any] = {
+        "index": delta.index,
+        "delta": message.to_stream_delta(),
+        "logprobs": logprobs,
+        "finish_reason": _finish_reason(delta.finish_reason, called_tools[delta.index]),
+    }
+    if delta.finished:
+        choice["stop_reason"] = delta.stop_reason
+    return choice

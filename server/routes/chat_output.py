@@ -14,7 +14,6 @@ from server.protocol import (
     AssistantMessage,
     ChatTokenLogprob,
     DeltaFunctionCall,
-    DeltaMessage,
     DeltaToolCall,
     FunctionCallOut,
     ToolCallOut,
@@ -37,13 +36,16 @@ class MessageDelta:
             self.tool_calls + other.tool_calls,
         )  # fmt: skip
 
-    def to_stream_delta(self, *, role: bool = False) -> DeltaMessage:
-        return DeltaMessage(
-            role="assistant" if role else None,
-            content=self.content or None,
-            reasoning_content=self.reasoning_content or None,
-            tool_calls=self.tool_calls or None,
-        )
+    def to_stream_delta(self) -> dict[str, Any]:
+        """The chunk's delta object: only the keys this delta sets, as OpenAI's chunks have it."""
+        delta: dict[str, Any] = {}
+        if self.content:
+            delta["content"] = self.content
+        if self.reasoning_content:
+            delta["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            delta["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        return delta
 
 
 class OutputProcessor(Protocol):
@@ -63,13 +65,14 @@ class PassThroughProcessor:
 
 
 def make_output_processor(
-    tokenizer: Any, tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]
+    tokenizer: Any, prompt_text: str, tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]
 ) -> OutputProcessor:
     """The output processor for one chat choice.
 
-    Plug-in point for server/parsers: when the model's chat template is a GLM one, return an adapter over
-    GlmOutputParser(tools=tools, fmt=..., starts_in_reasoning=template_kwargs.get("enable_thinking", True))
-    whose feed/finish return the reasoning/content/tool-call deltas. Until then, text passes through."""
+    Plug-in point for server/parsers: when the model's chat template is a GLM one (detected from
+    tokenizer.chat_template), return an adapter over GlmOutputParser(tools=tools, fmt=..., starts_in_reasoning=
+    <from prompt_text / template_kwargs["enable_thinking"]>) whose feed/finish give MessageDeltas of
+    reasoning, content and tool calls. Until then, text passes through as content."""
     return PassThroughProcessor()
 
 
@@ -99,7 +102,9 @@ class MessageAccumulator:
 
     def message(self) -> AssistantMessage:
         tool_calls = [
-            ToolCallOut(id=c["id"] or f"call_{i}", function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
+            ToolCallOut(
+                id=c["id"] or f"call_{i}", function=FunctionCallOut(name=c["name"], arguments=c["arguments"])
+            )
             for i, c in sorted(self.calls.items())
         ]
         return AssistantMessage(
@@ -109,7 +114,9 @@ class MessageAccumulator:
         )
 
 
-def delta_tool_call(index: int, call_id: str | None, name: str | None, arguments: str | None) -> DeltaToolCall:
+def delta_tool_call(
+    index: int, call_id: str | None, name: str | None, arguments: str | None
+) -> DeltaToolCall:
     """Helper for parsers: one streamed tool-call fragment."""
     return DeltaToolCall(
         index=index, id=call_id, type="function" if call_id else None,
@@ -123,8 +130,10 @@ def chat_logprobs(entries: list[TokenLogprob], top_n: int) -> list[ChatTokenLogp
             token=e.token,
             logprob=e.logprob,
             bytes=list(e.token.encode("utf-8")),
-            top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")))
-                          for t in e.top[:top_n]],
+            top_logprobs=[
+                TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")))
+                for t in e.top[:top_n]
+            ],
         )  # fmt: skip
         for e in entries
     ]

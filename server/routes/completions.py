@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -15,8 +16,9 @@ from server.engine_api import Engine, GenerateRequest, TokenLogprob
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.routes.deps import admit, check_model, get_state, ready_engine
-from server.routes.generation import SSE_DONE, Generation, respond, sse_event, stream_error_event
+from server.routes.generation import Generation, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
+from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 
 router = APIRouter()
 
@@ -51,7 +53,9 @@ class LogprobsBuilder:
         for token in tokens:
             offsets.append(self.offset)
             self.offset += len(token)
-        part = CompletionLogprobs(text_offset=offsets, token_logprobs=logprobs, tokens=tokens, top_logprobs=tops)
+        part = CompletionLogprobs(
+            text_offset=offsets, token_logprobs=logprobs, tokens=tokens, top_logprobs=tops
+        )
         for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
             getattr(self.total, name).extend(getattr(part, name))
         return part
@@ -85,7 +89,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     arrival = time.monotonic()
     requests = []
     for i, prompt in enumerate(prompts):
-        max_tokens = resolve_max_tokens(body.max_tokens, len(prompt.token_ids), engine.max_model_len, "prompt")
+        max_tokens = resolve_max_tokens(
+            body.max_tokens, len(prompt.token_ids), engine.max_model_len, "prompt"
+        )
         params = to_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
@@ -93,12 +99,22 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     access = request.scope.setdefault("state", {}).setdefault("access", {})
     access.update(id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts])
-    generation = Generation(engine, state.metrics, requests, access, state.generations)
-    token_strings = [[engine.tokenizer.decode([t]) for t in p.token_ids] for p in prompts] if body.echo else []
+    token_strings = (
+        [[engine.tokenizer.decode([t]) for t in p.token_ids] for p in prompts] if body.echo else []
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     context = CompletionContext(
-        request_id, int(time.time()), model, prompts, body.n, body.echo, body.logprobs, include_usage, token_strings
+        request_id,
+        int(time.time()),
+        model,
+        prompts,
+        body.n,
+        body.echo,
+        body.logprobs,
+        include_usage,
+        token_strings,
     )
+    generation = Generation(engine, state.metrics, requests, access, state.generations)
     return await respond(
         request, generation, request_id, stream=body.stream,
         stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),
@@ -158,37 +174,50 @@ async def _complete(context: CompletionContext, generation: Generation) -> Respo
         id=context.request_id, created=context.created, model=context.model, choices=choices,
         usage=generation.usage(),
     )  # fmt: skip
-    return Response(response.model_dump_json(), media_type="application/json", headers={"X-Request-Id": context.request_id})
-
-
-def _chunk(context: CompletionContext, choices: list[CompletionChoice], usage=None) -> bytes:
-    chunk = CompletionResponse(
-        id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+    return Response(
+        response.model_dump_json(),
+        media_type="application/json",
+        headers={"X-Request-Id": context.request_id},
     )
-    return sse_event(chunk.model_dump_json())
 
 
 async def _stream_chunks(context: CompletionContext, generation: Generation) -> AsyncIterator[bytes]:
     builders = _new_builders(context)
+    encoder = ChunkEncoder(context.request_id, "text_completion", context.created, context.model)
     try:
         if context.echo:
             for i, builder in enumerate(builders):
                 prompt_index = i // context.n
-                logprobs = builder.add_prompt(context.token_strings[prompt_index]) if builder is not None else None
-                choice = CompletionChoice(index=i, text=context.prompts[prompt_index].text, logprobs=logprobs)
-                yield _chunk(context, [choice])
+                logprobs = (
+                    builder.add_prompt(context.token_strings[prompt_index]) if builder is not None else None
+                )
+                yield encoder.choice(_choice(i, context.prompts[prompt_index].text, logprobs))
         async for delta in generation:
             builder = builders[delta.index]
             logprobs = builder.add(delta.logprobs) if builder is not None and delta.logprobs else None
             if not delta.text and not delta.finished and logprobs is None:
                 continue
-            choice = CompletionChoice(
-                index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                stop_reason=delta.stop_reason if delta.finished else None,
-            )  # fmt: skip
-            yield _chunk(context, [choice])
+            yield encoder.choice(
+                _choice(delta.index, delta.text, logprobs, delta.finish_reason, delta.stop_reason)
+            )
         if context.include_usage:
-            yield _chunk(context, [], usage=generation.usage())
+            yield encoder.usage(generation.usage())
     except Exception as exc:
-        yield stream_error_event(exc, context.request_id)
+        yield error_event(exc, context.request_id)
     yield SSE_DONE
+
+
+def _choice(
+    index: int,
+    text: str,
+    logprobs: CompletionLogprobs | None,
+    finish_reason: str | None = None,
+    stop_reason: int | str | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs.model_dump() if logprobs is not None else None,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+    }

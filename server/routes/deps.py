@@ -40,7 +40,6 @@ class ServingState:
             return "loading"
         return "serving" if self.engine.healthy() else "dead"
 
-
     async def abort_in_flight(self) -> None:
         """End every open generation now (the drain timed out): streams end with an error event."""
         for generation in list(self.generations):
@@ -75,11 +74,12 @@ def check_model(state: ServingState, model: str | None) -> str:
 
 
 def admit(state: ServingState, engine: Engine) -> None:
-    """503 with Retry-After when the engine's waiting queue is full. The engine enqueues a request on
-    the first step of its generate() iterator, which runs before this route awaits anything else, so
-    concurrent requests see each other in num_waiting."""
+    """503 with Retry-After when the engine's waiting queue is full. A soft bound: requests that arrive
+    in the same instant are all checked before the engine has queued any of them."""
     if state.draining:
-        raise unavailable("The server is shutting down and admits no new requests.", 5.0, code="server_draining")
+        raise unavailable(
+            "The server is shutting down and admits no new requests.", 5.0, code="server_draining"
+        )
     load = engine.load()
     limit = state.config.server.max_queued_requests
     if load.num_waiting >= limit:

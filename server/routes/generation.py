@@ -21,13 +21,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.engine_api import Delta, Engine, EngineDeadError, EngineError, GenerateRequest
-from server.errors import APIError, bad_request, internal_error, sse_error_event, unavailable
+from server.errors import bad_request, unavailable
 from server.metrics import ServerMetrics
 from server.protocol import PromptTokensDetails, Usage
 
 log = logging.getLogger("glm_serve.generation")
 T = TypeVar("T")
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 class ClientDisconnected(Exception):
@@ -86,12 +85,16 @@ class Generation:
         except EngineError as exc:
             raise bad_request(str(exc)) from exc
         except EngineDeadError as exc:
-            raise unavailable("The engine stopped working; see the server log.", 30.0, code="engine_dead") from exc
+            raise unavailable(
+                "The engine stopped working; see the server log.", 30.0, code="engine_dead"
+            ) from exc
         self._observe(delta)
         if delta.finish_reason == "error":
             raise bad_request(delta.error or "The engine could not serve this request.")
         if delta.finish_reason == "abort":
-            raise unavailable("The server aborted this request (it is shutting down).", 5.0, code="request_aborted")
+            raise unavailable(
+                "The server aborted this request (it is shutting down).", 5.0, code="request_aborted"
+            )
         return delta
 
     async def prefetch(self) -> None:
@@ -285,16 +288,3 @@ class GenerationStream(StreamingResponse):
                     except RuntimeError:  # still running: it was cancelled inside and is finishing
                         pass
             await self._generation.close()
-
-
-def sse_event(payload: bytes | str) -> bytes:
-    data = payload.encode() if isinstance(payload, str) else payload
-    return b"data: " + data + b"\n\n"
-
-
-def stream_error_event(exc: BaseException, request_id: str) -> bytes:
-    """The SSE event for an error after the stream started (the caller then sends [DONE])."""
-    if isinstance(exc, APIError):
-        return sse_error_event(exc)
-    log.error("request %s failed mid-stream", request_id, exc_info=exc)
-    return sse_error_event(internal_error(request_id))

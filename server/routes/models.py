@@ -18,7 +18,7 @@ async def list_models(request: Request) -> Response:
     card = ModelCard(
         id=state.served_model_name,
         created=int(state.started_at),
-        root=state.config.engine.model or engine.model_name,
+        root=str(getattr(engine, "model_dir", None) or state.config.engine.model or engine.model_name),
         max_model_len=engine.max_model_len,
     )
     return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")

@@ -50,7 +50,8 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
 def to_sampling_params(body: SamplingRequest, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
     if body.min_tokens > max_tokens:
         raise bad_request(
-            f"min_tokens ({body.min_tokens}) is larger than the completion budget ({max_tokens}).", param="min_tokens"
+            f"min_tokens ({body.min_tokens}) is larger than the completion budget ({max_tokens}).",
+            param="min_tokens",
         )
     top_k = body.top_k if body.top_k is not None else 0
     return SamplingParams(

@@ -32,7 +32,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         add_special = body.add_special_tokens is not False
     tokens = encode_prompt(engine.tokenizer, text, add_special_tokens=add_special)
     token_strs = engine.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-    result = TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=token_strs)
+    result = TokenizeResponse(
+        count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=token_strs
+    )
     return Response(result.model_dump_json(), media_type="application/json")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import random
 import shutil
 from pathlib import Path
 
@@ -116,6 +118,24 @@ def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
         "Recording", (), {"__call__": staticmethod(recording), "release": sampler.release}
     )()
     return seen
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of different lengths (3 to 130 tokens) of random token ids below vocab."""
+    rng = random.Random(seed)
+    lengths = [3, 17, 40, 64, 95, 7, 130, 21][:n]
+    return [[rng.randrange(3, vocab) for _ in range(length)] for length in lengths]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models run several times faster on one intra-op thread, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_parity(

@@ -1,13 +1,17 @@
 """glm4_moe (GLM-4.5/4.6/4.7) against transformers' Glm4MoeForCausalLM on a tiny random checkpoint."""
 
-import random
-
 import pytest
 import torch
 
 from backends.models.glm4_moe import Glm4MoeForCausalLM
 from backends.models.tiny import build_glm_tokenizer, write_random_model
-from tests.engine_helpers import check_parity
+from tests.engine_helpers import check_parity, one_torch_thread, random_prompts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +47,10 @@ def tiny_config(vocab_size: int, **overrides):
     return Glm4MoeConfig(**params)
 
 
-def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    lengths = [3, 17, 40, 64, 95, 7, 130, 21][:n]
-    return [[rng.randrange(3, vocab) for _ in range(length)] for length in lengths]
-
-
 def test_glm4_moe_parity_with_chunked_prefill(tmp_path, tokenizer):
     model_dir = write_random_model(tiny_config(768), tmp_path / "glm4-moe", tokenizer)
     worst, _ = check_parity(
-        model_dir, prompts(8, 700), max_num_batched_tokens=40, num_kv_blocks=128, block_size=16
+        model_dir, random_prompts(8, 700), max_num_batched_tokens=40, num_kv_blocks=128, block_size=16
     )
     print(f"glm4_moe: max relative logit difference {worst:.1e}")
 

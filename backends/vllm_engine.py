@@ -158,9 +158,11 @@ class VllmEngine:
             raise EngineError("engine is not running")
         if self._llm.errored:
             raise EngineDeadError("vLLM engine died")
+        from vllm.exceptions import VLLMClientError
+
         try:
             params = to_vllm_params(request.params, request.n)
-        except ValueError as exc:  # vLLM's own validation (e.g. n > 1 with greedy sampling)
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own validation (e.g. n > 1 with greedy)
             raise EngineError(str(exc)) from exc
         counts: dict[int, int] = {}
         first: dict[int, float] = {}

@@ -46,13 +46,14 @@ def _mla_kernel(
     first_token_ptr, q_lens_ptr, seq_lens_ptr, block_tables_ptr, topk_ptr,
     stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_cb, stride_cs, stride_ot, stride_oh,
     stride_bt, stride_tk, num_heads, topk, scale_log2,
-    MAX_Q: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    MAX_Q: tl.constexpr, HEAD_BLOCKS: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPARSE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    head_block = tl.program_id(1)
-    split = tl.program_id(2)
+    # program_id(0) = row * HEAD_BLOCKS + head block: a row's head blocks run together and share its keys in L2
+    row = tl.program_id(0) // HEAD_BLOCKS
+    head_block = tl.program_id(0) % HEAD_BLOCKS
+    split = tl.program_id(1)
     req = row // MAX_Q
     i = row % MAX_Q
     q_len = tl.load(q_lens_ptr + req)
@@ -107,7 +108,7 @@ def _mla_kernel(
         o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + r[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        mid = (row * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_R]
+        mid = (row.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_R]
         tl.store(mid_o_ptr + mid[:, None] * BLOCK_R + r[None, :], acc / l_safe[:, None], mask=h_ok[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + mid, lse, mask=h_ok)
@@ -149,13 +150,13 @@ def mla_group(
         mid_lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=out.device)
     index = topk_indices if sparse else view.seq_lens  # placeholder pointer when dense
     dot_dtype, precision = dot_config(q_nope.dtype)
-    _mla_kernel[(rows, head_blocks, splits)](
+    _mla_kernel[(rows * head_blocks, splits)](
         q_nope, q_pe, latent_cache, out, mid_o, mid_lse,
         view.first_token, view.q_lens, view.seq_lens, view.block_tables, index,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), out.stride(0), out.stride(1),
         view.block_tables.stride(0), index.stride(0), heads, topk, scale * LOG2E,
-        MAX_Q=view.max_q, RANK=rank, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=block_h,
+        MAX_Q=view.max_q, HEAD_BLOCKS=head_blocks, RANK=rank, ROPE=rope, BLOCK_SIZE=block_size, BLOCK_H=block_h,
         BLOCK_R=block_r, BLOCK_P=pow2(rope), BLOCK_N=block_n, NUM_SPLITS=splits, SPARSE=sparse,
         DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -110,8 +110,8 @@ def sm_count(device: torch.device) -> int:
 
 
 def choose_splits(programs: int, max_kv: int, block_n: int, device: torch.device) -> int:
-    """Splits of the context so that about two waves of programs fill the device, each split >= 4 tiles."""
-    want = math.ceil(2 * sm_count(device) / max(programs, 1))
+    """Splits of the context so that about four programs per SM fill the device, each split >= 4 tiles."""
+    want = math.ceil(4 * sm_count(device) / max(programs, 1))
     return max(1, min(want, math.ceil(max_kv / (4 * block_n)), 32))
 
 
@@ -177,7 +177,7 @@ def _gqa_decode_kernel(
         o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        row = (seq * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_DV]
+        row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_DV]
         tl.store(mid_o_ptr + row[:, None] * BLOCK_DV + dv[None, :], acc / l_safe[:, None], mask=o_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=g < GROUP)
@@ -200,7 +200,7 @@ def combine_splits_kernel(
     tok = (tl.load(first_token_ptr + req) + i).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
-    base = (row * num_heads + head) * NUM_SPLITS
+    base = (row.to(tl.int64) * num_heads + head) * NUM_SPLITS
     lse = tl.load(mid_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)

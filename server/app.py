@@ -42,16 +42,23 @@ def create_app(
     several apps). on_engine_failure is called if the engine cannot be built or started."""
     serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
-    app = FastAPI(title="glm-serve", summary="OpenAI-compatible server for GLM models", lifespan=lifespan)
+    app = FastAPI(
+        title="glm-serve",
+        summary="OpenAI-compatible server for GLM models",
+        lifespan=lifespan,
+        strict_content_type=False,  # a JSON body without a Content-Type header is still read as JSON
+    )
     app.state.serving = serving
     install_error_handlers(app)
-    for module in (chat, completions, models, tokenize, health, metrics):
+    routers = (chat, completions, models, tokenize, health, metrics)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
     app.add_middleware(
         ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
     )
-    app.add_middleware(RequestObserver, metrics=serving.metrics, serving=serving)
+    paths = frozenset(r.path for m in routers for r in m.router.routes if hasattr(r, "path"))
+    app.add_middleware(RequestObserver, metrics=serving.metrics, serving=serving, route_paths=paths)
     return app
 
 

@@ -112,6 +112,11 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
         return bad_request(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return bad_request(
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+            code="invalid_body",
+        )
     message = first.get("msg", "Invalid value")
     where = f"'{param}'" if param else "the request body"
     return bad_request(f"Invalid value for {where}: {message}.", param=param, code="invalid_value")

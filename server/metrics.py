@@ -139,10 +139,13 @@ class RequestObserver:
     line per request (fields the routes put in request.state.access), keeps the in-flight count, and
     turns an unexpected exception into a 500 whose detail goes to the log only."""
 
-    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, serving: InFlight) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: ServerMetrics, serving: InFlight, route_paths: frozenset[str]
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.serving = serving
+        self.route_paths = route_paths  # label for requests answered before routing (401, 413)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,7 +178,7 @@ class RequestObserver:
             self.serving.in_flight -= counted
             status = access.pop("status", status)
             route = scope.get("route")
-            route_path = getattr(route, "path", "unmatched")
+            route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
             self.metrics.http_requests.labels(scope["method"], route_path, str(status)).inc()
             self._log(scope, path, status, time.perf_counter() - started, access)
 

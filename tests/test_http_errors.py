@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, DeadEngine, FailingEngine, QueueFullEngine
+from tests.conftest import API_KEY, DeadEngine, FailingEngine, QueueFullEngine, metric_value
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -107,6 +107,17 @@ def test_invalid_json_is_400(server):
     assert_error(response, 400, code="invalid_json")
 
 
+def test_body_must_be_a_json_object(server):
+    with server.http() as http:
+        assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400, code="invalid_body")
+        no_content_type = http.post(
+            "/v1/chat/completions",
+            content=json.dumps({"messages": MESSAGES, "max_tokens": 1}).encode(),
+            headers={"content-type": ""},
+        )
+        assert no_content_type.status_code == 200, no_content_type.text
+
+
 def test_context_length_is_400(server, engine):
     error = assert_error(post_chat(server, max_tokens=engine.max_model_len), 400, param="max_tokens")
     assert error["code"] == "context_length_exceeded"
@@ -145,6 +156,8 @@ def test_api_keys(make_server, tmp_path):
         assert_error(http.post("/tokenize", json={"prompt": "x"}), 401)
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="sk-wrong").models.list()
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(metrics, "glm_serve:http_requests_total", route="/v1/models", status="401") >= 2
     assert server.client().models.list().data[0].id == server.serving.served_model_name
 
     protected = make_server(api_keys=[API_KEY], protect_metrics=True)

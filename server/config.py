@@ -39,7 +39,13 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
-    attention_kernel: str = "reference"
+    attention_kernel: str = "reference"  # a kernels/ name the device offers; "auto": the backend's choice
+    # Hardware layout and weight format, read by the memory planner (backends/planner.py) and validate().
+    accelerator: str | None = None  # the card sized for, e.g. h200-141gb (backends/devices); None: the host
+    weight_dtype: str = "auto"  # auto (= dtype) | bfloat16 | float16 | float32 | fp8 | w8a8 | w4a8
+    data_parallel_size: int = 1  # engine replicas; with expert parallelism experts spread over tp x dp
+    nodes: int = 1
+    devices_per_node: int = 1
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     seed: int = 0
     cache_dir: str | None = None  # where the embedded model is dequantized; GLM_SERVE_CACHE_DIR
@@ -172,6 +178,88 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.backend must be native or vllm, not {e.backend!r}")
     if not 0.0 < e.memory_fraction <= 1.0:
         raise ConfigError("engine.memory_fraction must be in (0, 1]")
+    _validate_hardware(e)
+
+
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
+QUANTIZED_WEIGHTS = ("fp8", "w8a8", "w4a8")
+
+
+def _validate_hardware(e: EngineConfig) -> None:
+    """Impossible combinations of device, accelerator, dtypes, kernels and parallel layout."""
+    from backends.devices import device_class, get_accelerator
+
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "expert_parallel_size",
+                 "nodes", "devices_per_node"):  # fmt: skip
+        if getattr(e, name) < 1:
+            raise ConfigError(f"engine.{name} must be >= 1, not {getattr(e, name)}")
+    world = e.tensor_parallel_size * e.pipeline_parallel_size * e.data_parallel_size
+    if e.device != "cpu" and world > e.nodes * e.devices_per_node:  # CPU ranks are processes on one host
+        raise ConfigError(
+            f"engine.tensor_parallel_size x pipeline_parallel_size x data_parallel_size = {world} devices, but "
+            f"engine.nodes x engine.devices_per_node = {e.nodes * e.devices_per_node}"
+        )
+    if e.expert_parallel_size not in (1, e.tensor_parallel_size * e.data_parallel_size):
+        raise ConfigError(
+            f"engine.expert_parallel_size must be 1 or tensor_parallel_size x data_parallel_size "
+            f"= {e.tensor_parallel_size * e.data_parallel_size} (experts spread over the TP x DP devices), "
+            f"not {e.expert_parallel_size}"
+        )
+    try:
+        device = device_class(e.device)
+    except ValueError as exc:
+        raise ConfigError(f"engine.device: {exc}") from None
+    if e.dtype not in device.supported_dtypes:
+        raise ConfigError(f"engine.dtype {e.dtype} is not supported on {e.device}")
+    if e.attention_kernel != "auto" and e.attention_kernel not in device.attention_kernels:
+        raise ConfigError(
+            f"engine.attention_kernel {e.attention_kernel!r} is not available on {e.device} "
+            f"(available: auto, {', '.join(device.attention_kernels)})"
+        )
+    if e.weight_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(
+            f"engine.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {e.weight_dtype!r}"
+        )
+    if e.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(
+            f"engine.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {e.kv_cache_dtype!r}"
+        )
+    if e.backend == "native" and e.weight_dtype in QUANTIZED_WEIGHTS:
+        raise ConfigError(
+            f"engine.weight_dtype {e.weight_dtype} needs backend vllm: the native engine has no quantized kernels"
+        )
+    if e.backend == "native" and e.kv_cache_dtype == "fp8":
+        raise ConfigError(
+            "engine.kv_cache_dtype fp8 needs backend vllm: the native engine keeps KV in its dtype"
+        )
+    if e.accelerator is None:
+        if e.device != "cpu":
+            raise ConfigError(f"engine.accelerator must name the {e.device} card (the planner sizes for it)")
+        return
+    try:
+        acc = get_accelerator(e.accelerator)
+    except ValueError as exc:
+        raise ConfigError(f"engine.accelerator: {exc}") from None
+    if acc.device != e.device:
+        raise ConfigError(
+            f"engine.accelerator {acc.name} is a {acc.device} device, but engine.device is {e.device}"
+        )
+    weight = e.dtype if e.weight_dtype == "auto" else e.weight_dtype
+    if weight not in acc.weight_dtypes and weight in QUANTIZED_WEIGHTS:
+        raise ConfigError(
+            f"engine.weight_dtype {weight} has no kernels on {acc.name} (it has {', '.join(acc.weight_dtypes)})"
+        )
+    if e.kv_cache_dtype == "fp8" and "fp8" not in acc.kv_cache_dtypes:
+        raise ConfigError(
+            f"engine.kv_cache_dtype {e.kv_cache_dtype} is not available on {acc.name} "
+            f"(it has {', '.join(acc.kv_cache_dtypes)})"
+        )
+    if e.backend == "vllm" and acc.vllm_plugin is None:
+        raise ConfigError(
+            f"engine.backend vllm: {acc.name} has no vLLM build (vllm-mlu supports only devices newer than MLU370); "
+            "use backend native"
+        )
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

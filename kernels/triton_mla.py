@@ -58,7 +58,7 @@ def _mla_kernel(
     i = row % MAX_Q
     q_len = tl.load(q_lens_ptr + req)
     pos = tl.load(seq_lens_ptr + req) - q_len + i  # this query's position; it sees keys 0..pos
-    tok = (tl.load(first_token_ptr + req) + i).to(tl.int64)
+    tok = (tl.load(first_token_ptr + req) + tl.minimum(i, q_len - 1)).to(tl.int64)  # padding reads a real row
     if SPARSE:
         n_keys = topk
     else:
@@ -108,7 +108,9 @@ def _mla_kernel(
         o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + r[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        mid = (row.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_R]
+        mid = (
+            row.to(tl.int64) * num_heads + heads
+        ) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_R]
         tl.store(mid_o_ptr + mid[:, None] * BLOCK_R + r[None, :], acc / l_safe[:, None], mask=h_ok[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + mid, lse, mask=h_ok)

@@ -78,3 +78,10 @@ def test_fused_and_per_expert_layouts_load_the_same(tmp_path, tokenizer):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_quantized_checkpoints_are_refused():
+    model = Glm4MoeForCausalLM(tiny_config(768, num_hidden_layers=1))
+    fp8 = [("model.layers.0.self_attn.q_proj.weight_scale_inv", torch.ones(1))]
+    with pytest.raises(ValueError, match="FP8"):
+        model.load_weights(fp8)

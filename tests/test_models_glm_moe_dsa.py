@@ -6,7 +6,15 @@ import torch
 
 from backends.models.glm_moe_dsa import GlmMoeDsaForCausalLM
 from backends.models.tiny import write_tiny_glm5
-from tests.engine_helpers import check_parity, hf_model, one_torch_thread, random_prompts
+from server.scheduler.request import SamplingParams
+from tests.engine_helpers import (
+    check_parity,
+    hf_model,
+    one_torch_thread,
+    random_prompts,
+    run_requests,
+    start_engine,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,3 +66,17 @@ def test_kv_cache_layout_of_glm5():
     assert len(caches) == 78
     assert caches[0][0].shape == (2, 4, 576) and caches[0][1].shape == (2, 4, 128)
     assert caches[2][1] is None  # shared layers keep no indexer keys
+
+
+def test_runs_in_bfloat16_with_fp32_routing(tiny_glm5):
+    engine = start_engine(tiny_glm5, dtype="bfloat16", num_kv_blocks=32, max_num_batched_tokens=32)
+    model = engine.runner.model
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    router = model.layers[1].mlp.gate
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    assert model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
+    caches = engine.runner.kv_caches
+    assert caches[0][0].dtype == caches[0][1].dtype == torch.bfloat16
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 3
+    results = run_requests(engine, random_prompts(3, 700, seed=6), params)
+    assert [len(r["tokens"]) for r in results] == [8, 8, 8]

@@ -218,6 +218,11 @@ class GlmCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie:
                 continue
+            if name.endswith(("_scale_inv", "weight_scale", "input_scale")):
+                raise ValueError(
+                    f"{name}: quantized (FP8) checkpoints are not supported by the native engine; "
+                    "use the BF16 checkpoint, or the vllm backend"
+                )
             slot = (name, None) if name in params else _checkpoint_slot(modules, name)
             if slot is None:
                 unknown.append(name)

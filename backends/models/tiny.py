@@ -108,8 +108,7 @@ def tiny_glm5_config(vocab_size: int, stop_ids: list[int], **overrides):
         initializer_range=0.3,  # peaked logits: greedy choices are not near-ties
         tie_word_embeddings=False,
         eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0],
-        bos_token_id=None,
+        bos_token_id=None,  # no pad_token_id: transformers would zero that embedding row (a trained one is not)
     )
     params.update(overrides)
     return GlmMoeDsaConfig(**params)

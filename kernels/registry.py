@@ -137,6 +137,14 @@ def check_attention_kernel(name: str, device: str, block_size: int | None = None
         )
 
 
+PREFERENCE = ("triton", "ascend", "cambricon", "reference")  # the native engine's choice for "auto"
+
+
+def preferred_kernel(device: str, block_size: int | None = None) -> str:
+    """The fastest kernel that can run on `device` (reference when no other can); imports nothing."""
+    return next(n for n in PREFERENCE if unavailable_reason(n, device, block_size) is None)
+
+
 def _load(path: str) -> Callable:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -16,6 +16,7 @@ from kernels.registry import (
     available_kernels,
     check_attention_kernel,
     get_attention_kernel,
+    preferred_kernel,
 )
 from server.config import ConfigError
 from tests.fakes import install_fake
@@ -108,3 +109,11 @@ def test_availability_check_imports_nothing(monkeypatch, tmp_path):
     assert "exploding" in available_kernels("npu")
     check_attention_kernel("exploding", "npu")
     assert "exploding_vendor" not in sys.modules
+
+
+def test_preferred_kernel_for_auto(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert preferred_kernel("cpu") == "reference"
+    install_fake(monkeypatch, "torch_npu")
+    assert preferred_kernel("npu", block_size=128) == "ascend"
+    assert preferred_kernel("npu", block_size=16) == "reference"  # FIA's paged prefill needs 128

@@ -54,6 +54,7 @@ class ModelDims:
     mtp_layers: int = 0  # multi-token-prediction layers (loaded only for speculative decoding)
     published: str = ""  # the vendor's headline size
     source: str = ""
+    checkpoint_format: str | None = None  # quantization_config.quant_method of a config.json, if any
 
     @property
     def is_mla(self) -> bool:
@@ -135,7 +136,12 @@ def resolve(model: str | None) -> ModelDims:
         return BUILTIN["SmolLM2-135M-Instruct"]
     path = Path(model).expanduser()
     if (path / "config.json").exists():
-        return from_config(json.loads((path / "config.json").read_text()), path.name)
+        try:
+            return from_config(json.loads((path / "config.json").read_text()), path.name)
+        except KeyError as exc:
+            raise ValueError(
+                f"{path / 'config.json'} has no {exc.args[0]!r}: the planner cannot size it"
+            ) from None
     found = builtin(model)
     if found is None:
         known = ", ".join(BUILTIN)
@@ -189,6 +195,7 @@ def from_config(cfg: dict, name: str) -> ModelDims:
         indexer_layers=_indexer_layers(cfg, layers),
         mtp_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
         source="config.json",
+        checkpoint_format=(cfg.get("quantization_config") or {}).get("quant_method"),
     )  # fmt: skip
 
 

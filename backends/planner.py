@@ -81,7 +81,10 @@ class PlanResult:
 
 def check_fits(cfg: Config, model_dir_or_name: str | None) -> PlanResult:
     """The planner's verdict for serving `model_dir_or_name` (None: the engine's model, else the embedded
-    default) with `cfg`; `serve` refuses to start when `.fits` is False and prints `.reason`."""
+    default) with `cfg`; `serve` refuses to start when `.fits` is False and prints `.reason`.
+
+    Raises ValueError when the model or the hardware cannot be sized: an unknown name, a config.json
+    without the needed fields, or a GPU/NPU/MLU profile without engine.accelerator."""
     return plan(cfg, model_dir_or_name)
 
 
@@ -128,9 +131,9 @@ def plan(
         kv_tokens_per_replica=tokens, replicas=layout.dp, context=length,
         concurrent_seqs=tokens // length * layout.dp if length else 0, max_num_seqs=e.max_num_seqs, fits=True,
     )  # fmt: skip
-    result.reasons = _reasons(dims, e, spec, result)
+    result.reasons = _reasons(dims, spec, result)
     result.fits = not result.reasons
-    result.notes = _notes(dims, e, spec, result, vllm_cuda)
+    result.notes = _notes(dims, result, vllm_cuda)
     if per_device > budget and spec is not None:
         result.suggestion = _smallest_layout(dims, e, spec, precision, kv_dtype, length, vllm_cuda)
     return result
@@ -138,6 +141,13 @@ def plan(
 
 def _accelerator(e: EngineConfig):
     if e.accelerator is None:
+        if e.device != "cpu":
+            from backends.devices import accelerators
+
+            raise ValueError(
+                f"engine.accelerator is not set, so the planner cannot size the {e.device} devices; "
+                f"set it to one of {', '.join(n for n, a in accelerators().items() if a.device == e.device)}"
+            )
         return None
     from backends.devices import get_accelerator
 
@@ -150,9 +160,9 @@ def _host_memory() -> int:
     return CpuDevice().total_memory_bytes()
 
 
-def _reasons(dims: ModelDims, e: EngineConfig, spec, r: PlanResult) -> list[str]:
+def _reasons(dims: ModelDims, spec, r: PlanResult) -> list[str]:
     out: list[str] = []
-    if dims.indexer_layers and spec is not None and not spec.sparse_mla:
+    if dims.indexer_layers and spec is not None and not spec.sparse_mla and r.backend == "vllm":
         out.append(
             f"{dims.name} uses DeepSeek sparse attention (MLA + indexer) and {spec.name} has no sparse-MLA "
             "kernels upstream (FlashMLA's sparse kernels need Hopper or Blackwell)"
@@ -165,7 +175,7 @@ def _reasons(dims: ModelDims, e: EngineConfig, spec, r: PlanResult) -> list[str]
         out.append(
             f"weights need {r.weight_bytes_per_device / GB:.1f} GB per device ({r.weight_dtype}, "
             f"{r.devices} devices) but the budget is {r.budget_bytes / GB:.1f} GB "
-            f"({r.device_memory_bytes / GB:.1f} GB x {e.memory_fraction:.2f})"
+            f"({r.device_memory_bytes / GB:.1f} GB x {r.memory_fraction:.2f})"
         )
     elif r.kv_tokens_per_replica < r.context:
         out.append(
@@ -175,8 +185,16 @@ def _reasons(dims: ModelDims, e: EngineConfig, spec, r: PlanResult) -> list[str]
     return out
 
 
-def _notes(dims: ModelDims, e: EngineConfig, spec, r: PlanResult, vllm_cuda: bool) -> list[str]:
+def _notes(dims: ModelDims, r: PlanResult, vllm_cuda: bool) -> list[str]:
     notes = ["activation workspace and graphs are not counted; the engine measures them at start-up"]
+    if r.accelerator == "host":
+        notes.append(
+            "host profile: the budget is the machine's total RAM, the KV cache engine.kv_cache_bytes"
+        )
+    if dims.checkpoint_format:
+        notes.append(
+            f"config.json: the checkpoint is quantized ({dims.checkpoint_format}); planned as {r.weight_dtype}"
+        )
     if dims.mtp_layers and not r.mtp_loaded:
         notes.append(f"the MTP layer ({r.mtp_params / 1e9:.1f} B params) is not counted; --mtp adds it")
     if dims.is_mla:

@@ -144,11 +144,21 @@ def test_reads_config_json_from_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     dims = resolve(str(tmp_path))
     assert param_count(dims) == param_count(GLM5) and dims.indexer_layers == 78 and dims.mtp_layers == 1
+    fp8 = dict(config, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    (tmp_path / "config.json").write_text(json.dumps(fp8))
+    notes = plan(load_config("nvidia-h200"), str(tmp_path)).notes
+    assert any("checkpoint is quantized (fp8); planned as fp8" in n for n in notes)
     shared = from_config(
         dict(config, indexer_types=["full", "shared", "shared", "shared"] * 19 + ["full"] * 2), "x"
     )
     assert shared.indexer_layers == 21
     assert kv_bytes_per_token(shared, "bfloat16", 78) == 89_856 + 21 * 256
+
+
+def test_config_json_without_the_needed_keys_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="has no 'num_hidden_layers'"):
+        resolve(str(tmp_path))
 
 
 def test_cli_exit_codes_and_json(capsys):
@@ -173,3 +183,37 @@ def test_cli_all_checks_the_profile(capsys):
     assert planner.main(["--profile", "nvidia-a100", "--all"]) == 0
     out = capsys.readouterr().out
     assert "GLM-4.5-Air" in out and "does not fit" in out
+
+
+@pytest.mark.slow  # imports transformers' modeling code (seconds); the arithmetic above runs without it
+def test_parameter_formulas_match_transformers_models():
+    """Tiny random configs of each family built by transformers on the meta device: the planner's parameter
+    count equals the checkpoint's tensors (parameters, tied ones once, plus persistent buffers such as the
+    routers' e_score_correction_bias)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        Glm4MoeConfig,
+        Glm4MoeLiteConfig,
+        GlmMoeDsaConfig,
+        LlamaConfig,
+    )
+
+    small = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4)
+    moe = dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
+    mla = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    configs = [
+        GlmMoeDsaConfig(**small, **moe, **mla, num_hidden_layers=4, num_key_value_heads=4, first_k_dense_replace=1,
+                        index_n_heads=2, index_head_dim=16, index_topk=4),
+        Glm4MoeConfig(**small, **moe, num_hidden_layers=3, num_key_value_heads=2, head_dim=24,
+                      first_k_dense_replace=1, attention_bias=True),
+        Glm4MoeLiteConfig(**small, **moe, **mla, num_hidden_layers=3, num_key_value_heads=4),
+        LlamaConfig(**small, num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=True),
+    ]  # fmt: skip
+    for config in configs:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        stored = set(model.state_dict())
+        expected = sum(p.numel() for p in model.parameters())
+        expected += sum(b.numel() for name, b in model.named_buffers() if name in stored)
+        assert param_count(from_config(config.to_dict(), config.model_type)) == expected, config.model_type

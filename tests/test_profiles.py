@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.planner import plan_profile_models
+from backends.planner import check_fits, plan_profile_models
 from server.config import CONFIG_DIR, ConfigError, load_config
 
 PROFILES = [
@@ -84,9 +84,10 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_a_device_profile_must_name_its_accelerator(tmp_path):
-    with pytest.raises(ConfigError, match="engine.accelerator must name the npu card"):
-        load_config(_write(tmp_path, "engine:\n  device: npu\n  dtype: bfloat16\n"))
+def test_a_device_profile_without_accelerator_loads_but_cannot_be_planned(tmp_path):
+    cfg = load_config(_write(tmp_path, "engine:\n  device: npu\n  dtype: bfloat16\n"))
+    with pytest.raises(ValueError, match="engine.accelerator is not set.*ascend-910b-64gb"):
+        check_fits(cfg, "GLM-4.7-Flash")
 
 
 def test_unknown_keys_name_the_key(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,9 +151,9 @@ def _append_mtp_layers(config, out_dir: Path, count: int) -> None:
         if bigger.get(key):
             bigger[key] = bigger[key] + bigger[key][-1:] * count
     donor = AutoModelForCausalLM.from_config(type(config)(**bigger), dtype=torch.float32)
-    donor_dir = out_dir / ".mtp-donor"
-    donor.save_pretrained(donor_dir)
-    donor_tensors = load_file(donor_dir / "model.safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        donor.save_pretrained(tmp)  # the hub's per-expert layout
+        donor_tensors = load_file(Path(tmp) / "model.safetensors")
     tensors = load_file(out_dir / "model.safetensors")
     for layer in range(n, n + count):
         prefix = f"model.layers.{layer}."
@@ -164,9 +165,6 @@ def _append_mtp_layers(config, out_dir: Path, count: int) -> None:
         tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
         tensors[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    for path in donor_dir.iterdir():
-        path.unlink()
-    donor_dir.rmdir()
 
 
 def write_tiny_glm5(out_dir: Path, seed: int = 0) -> Path:

@@ -309,7 +309,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def nodes_overrides(profile: str, overrides: dict[str, Any], nodes: int) -> dict[str, Any]:
     """Plan for `nodes` nodes: pipeline stages scale with the node count (TP stays within a node, as vLLM's
     multi-node guidance puts it: TP = GPUs per node, PP = nodes); a layout that already fits the nodes
-    (say, after --set data_parallel_size=1) keeps its stages."""
+    (say, after --set data_parallel_size=1) or sets its stages itself keeps them."""
+    if "engine.pipeline_parallel_size" in overrides:
+        return {"engine.nodes": nodes}
     base = load_config(profile, overrides).engine
     stages = base.pipeline_parallel_size * nodes
     if nodes >= 1 and stages % base.nodes == 0:

@@ -3,8 +3,8 @@ bf16 call paths through FAKE vendor modules.
 
 The fakes below (FakeNpuNamespace, FakeMluNamespace, the fake torch_npu / torch_mlu modules) are test
 doubles, not the vendor libraries: each implements only the documented semantics these adapters rely on,
-`mem_get_info(index) -> (free_bytes, total_bytes)` and `is_bf16_supported() -> bool`, as torch.cuda
-defines them and torch_npu / torch_mlu mirror them."""
+`mem_get_info(index) -> (free_bytes, total_bytes)`, `is_bf16_supported() -> bool`, `device_count() -> int`
+and `set_device(index)`, as torch.cuda defines them and torch_npu / torch_mlu mirror them."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_cuda_missing_library_message():
 
 
 class FakeNpuNamespace:
-    """FAKE torch.npu: only mem_get_info and is_bf16_supported, with torch.cuda's documented meaning."""
+    """FAKE torch.npu: mem_get_info, is_bf16_supported, device_count, set_device, as torch.cuda documents them."""
 
     def __init__(self, free: int, total: int, bf16: bool):
         self.free, self.total, self.bf16 = free, total, bf16
@@ -118,6 +118,12 @@ class FakeNpuNamespace:
 
     def is_bf16_supported(self) -> bool:
         return self.bf16
+
+    def device_count(self) -> int:
+        return 8
+
+    def set_device(self, index: int) -> None:
+        self.current = index
 
 
 @pytest.fixture
@@ -138,6 +144,13 @@ def test_npu_memory_and_bf16_through_fake(fake_torch_npu):
     with pytest.raises(ValueError, match="no bfloat16 support"):
         device.check_dtype("bfloat16")
     device.check_dtype("float16")
+
+
+def test_npu_rank_placement_through_fake(fake_torch_npu):
+    device = AscendDevice()
+    assert device.device_string(5) == "npu:5" and device.device_count() == 8
+    device.set_device(5)
+    assert fake_torch_npu.current == 5
 
 
 def test_npu_unavailable_without_device_files_even_with_library(fake_torch_npu):

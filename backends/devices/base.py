@@ -114,6 +114,18 @@ class DeviceAdapter:
     def _library_missing(self) -> str:
         return f"device {self.device_type!r} has no library requirement"
 
+    def device_string(self, local_rank: int = 0) -> str:
+        """The torch device a rank uses: its index among the visible devices ("npu:3")."""
+        return f"{self.device_type}:{local_rank}"
+
+    def device_count(self) -> int:
+        """Devices the runtime sees (after the visible-devices variable); imports the vendor library."""
+        return int(self.require().device_count())
+
+    def set_device(self, local_rank: int) -> None:
+        """Make `local_rank` the current device of this process, before any allocation or collective."""
+        self.require().set_device(local_rank)
+
     def mem_get_info(self, index: int = 0) -> tuple[int, int]:
         """(free, total) bytes of one device, from the vendor runtime."""
         free, total = self.require().mem_get_info(index)

@@ -30,6 +30,15 @@ class CpuDevice(DeviceAdapter):
     def total_memory_bytes(self) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+    def device_string(self, local_rank: int = 0) -> str:
+        return "cpu"
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, local_rank: int) -> None:
+        pass  # one host: ranks are processes
+
     def mem_get_info(self, index: int = 0) -> tuple[int, int]:
         return self.available_memory_bytes(), self.total_memory_bytes()
 

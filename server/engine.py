@@ -39,6 +39,7 @@ class _Choice:
     detok: IncrementalDetokenizer
     sink: asyncio.Queue
     first_token_time: float | None = None
+    scheduled_time: float | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +102,8 @@ class NativeEngine:
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
         self.model_name = self._served_name or self.model_dir.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        # The front end encodes on the event loop while the step loop decodes: each thread its own copy.
+        self._detok_tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.runner = TorchModelRunner(cfg, self.model_dir)
         self.runner.load_model()
@@ -212,11 +215,11 @@ class NativeEngine:
                 list(req.prompt_token_ids),
                 req.params,
                 self.eos_token_ids,
-                req.arrival_time or time.time(),
+                req.arrival_time or time.monotonic(),
             )
             p = req.params
             detok = IncrementalDetokenizer(
-                self.tokenizer,
+                self._detok_tokenizer,
                 r.prompt_token_ids,
                 p.stop,
                 p.skip_special_tokens,
@@ -247,6 +250,7 @@ class NativeEngine:
 
     def step(self) -> None:
         out = self.scheduler.schedule()
+        self._mark_scheduled(out)
         sampled = self.runner.execute(out)
         finished = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         events: list = []
@@ -269,6 +273,13 @@ class NativeEngine:
         self._stats["generation_tokens_total"] += len(sampled)
         self._rate.tokens(len(sampled))
         self._publish(events)
+
+    def _mark_scheduled(self, out) -> None:
+        now = time.monotonic()
+        for s in out.scheduled:
+            choice = self._choices.get(s.request.request_id)
+            if choice is not None and choice.scheduled_time is None:
+                choice.scheduled_time = now
 
     def _token_delta(self, choice: _Choice, result, finished: bool, now: float) -> Delta:
         req = choice.request
@@ -295,6 +306,7 @@ class NativeEngine:
             stop_reason=req.stop_reason,
             num_cached_tokens=req.num_cached_tokens,
             first_token_time=choice.first_token_time,
+            scheduled_time=choice.scheduled_time,
         )
         if finish_reason is not None:
             self._retire(choice)
@@ -308,7 +320,7 @@ class NativeEngine:
         return [TokenLogprob(result.token_id, self._token_text(result.token_id), result.logprob, top)]
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._detok_tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _final(self, choice: _Choice, reason: str, error: str | None = None) -> Delta:
         req = choice.request

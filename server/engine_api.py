@@ -23,7 +23,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     n: int = 1
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0  # time.monotonic() at arrival
 
 
 @dataclass(slots=True)
@@ -56,6 +56,7 @@ class Delta:
     num_cached_tokens: int = 0
     error: str | None = None
     first_token_time: float | None = None  # monotonic time of the first output token of this choice
+    scheduled_time: float | None = None  # monotonic time this choice was first scheduled (end of queueing)
 
     @property
     def finished(self) -> bool:

@@ -199,6 +199,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text: some clients read reasoning, others reasoning_content
     tool_calls: list[ToolCallOut] | None = None
 
     @model_serializer(mode="wrap")

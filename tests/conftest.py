@@ -3,7 +3,8 @@
 THE ONE PLACE TO SWAP THE ENGINE is ENGINE_FACTORY below (or the GLM_SERVE_TEST_ENGINE variable): a
 "module:callable" called with an EngineConfig. It builds the session's engine and is also what the
 SIGTERM test's `python -m server.cli serve --engine-factory ...` subprocess serves. The default is the
-test double in tests/fake_engine.py; "server.engine:NativeEngine" serves SmolLM2 on CPU.
+real NativeEngine serving SmolLM2 on CPU; `make test-vllm` sets backends.vllm_engine:VllmEngine, and
+tests.fake_engine:FakeEngine (a test double) gives a fast loop while working on the front end alone.
 
 All servers run on one event loop in a background thread, so one engine (started once) serves every
 app; apps get it with manage_engine=False. Wrappers (EngineProxy subclasses) change one behaviour of
@@ -30,7 +31,7 @@ from server.app import create_app
 from server.config import CONFIG_DIR, Config, EngineConfig, load_config
 from server.engine_api import Delta, GenerateRequest, Load
 
-ENGINE_FACTORY = os.environ.get("GLM_SERVE_TEST_ENGINE", "tests.fake_engine:FakeEngine")
+ENGINE_FACTORY = os.environ.get("GLM_SERVE_TEST_ENGINE", "server.engine:NativeEngine")
 TEST_PROFILE = CONFIG_DIR / "cpu.yaml"
 TEST_ENGINE_OVERRIDES: dict[str, Any] = {"engine.max_model_len": 1024, "engine.max_num_seqs": 64}
 API_KEY = "sk-test-key-1"

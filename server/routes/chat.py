@@ -127,12 +127,13 @@ async def _complete(context: ChatContext, generation: Generation) -> Response:
     choices = []
     for i, message in enumerate(messages):
         state = generation.choices[i]
+        final = getattr(context.processors[i], "final_message", message.message)()
         choices.append(
             ChatChoice(
                 index=i,
-                message=message.message(),
+                message=final,
                 logprobs=ChatLogprobs(content=logprobs[i]) if context.top_logprobs is not None else None,
-                finish_reason=_finish_reason(state.finish_reason, message.has_tool_calls),
+                finish_reason=_finish_reason(state.finish_reason, bool(final.tool_calls)),
                 stop_reason=state.stop_reason,
             )
         )

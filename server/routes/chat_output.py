@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.engine_api import TokenLogprob
+from server.parsers import GlmOutputParser, ParsedDelta, detect_format, prompt_starts_in_reasoning
 from server.protocol import (
     AssistantMessage,
     ChatTokenLogprob,
@@ -42,7 +43,7 @@ class MessageDelta:
         if self.content:
             delta["content"] = self.content
         if self.reasoning_content:
-            delta["reasoning_content"] = self.reasoning_content
+            delta["reasoning_content"] = delta["reasoning"] = self.reasoning_content
         if self.tool_calls:
             delta["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
         return delta
@@ -64,16 +65,56 @@ class PassThroughProcessor:
         return MessageDelta()
 
 
+class GlmProcessor:
+    """GLM's think tags and tool-call markup become reasoning and OpenAI tool calls (server/parsers)."""
+
+    def __init__(self, parser: GlmOutputParser):
+        self.parser = parser
+
+    def feed(self, text: str) -> MessageDelta:
+        return _message_delta(self.parser.feed(text))
+
+    def finish(self) -> MessageDelta:
+        return _message_delta(self.parser.finish())
+
+    def final_message(self) -> AssistantMessage:
+        """The whole message as parse_full gives it (a call cut off by max_tokens is content, not a call)."""
+        result = self.parser.result()
+        calls = [
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in result.tool_calls
+        ]
+        return AssistantMessage(
+            content=result.content if result.content or not calls else None,
+            reasoning_content=result.reasoning,
+            reasoning=result.reasoning,
+            tool_calls=calls or None,
+        )
+
+
+def _message_delta(parsed: ParsedDelta) -> MessageDelta:
+    calls = [delta_tool_call(c.index, c.id, c.name, c.arguments) for c in parsed.tool_calls]
+    return MessageDelta(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls)
+
+
+def is_glm_template(chat_template: str | None) -> bool:
+    return bool(chat_template) and "[gMASK]" in chat_template and "<|assistant|>" in chat_template
+
+
 def make_output_processor(
     tokenizer: Any, prompt_text: str, tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]
 ) -> OutputProcessor:
-    """The output processor for one chat choice.
-
-    Plug-in point for server/parsers: when the model's chat template is a GLM one (detected from
-    tokenizer.chat_template), return an adapter over GlmOutputParser(tools=tools, fmt=..., starts_in_reasoning=
-    <from prompt_text / template_kwargs["enable_thinking"]>) whose feed/finish give MessageDeltas of
-    reasoning, content and tool calls. Until then, text passes through as content."""
-    return PassThroughProcessor()
+    """The output processor for one chat choice: the GLM parser when the model's chat template is a GLM
+    one, else all text is content."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not is_glm_template(template):
+        return PassThroughProcessor()
+    parser = GlmOutputParser(
+        tools=tools,
+        fmt=detect_format(template),
+        starts_in_reasoning=prompt_starts_in_reasoning(prompt_text),
+    )
+    return GlmProcessor(parser)
 
 
 class MessageAccumulator:
@@ -107,9 +148,11 @@ class MessageAccumulator:
             )
             for i, c in sorted(self.calls.items())
         ]
+        reasoning = "".join(self.reasoning) or None
         return AssistantMessage(
             content="".join(self.content) if self.content or not tool_calls else None,
-            reasoning_content="".join(self.reasoning) or None,
+            reasoning_content=reasoning,
+            reasoning=reasoning,
             tool_calls=tool_calls or None,
         )
 

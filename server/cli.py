@@ -89,6 +89,8 @@ def serve(args: argparse.Namespace) -> int:
     holder: dict[str, DrainingServer] = {}
     try:
         cfg = load_config(args.config, overrides)
+        if not fits_before_loading(cfg):
+            return 2
         app = create_app(
             cfg,
             lambda: build_engine(cfg, args.engine_factory),
@@ -104,6 +106,27 @@ def serve(args: argparse.Namespace) -> int:
     server = holder["server"] = DrainingServer(uv_config, app.state.serving)
     server.run()
     return server.exit_code
+
+
+def fits_before_loading(cfg: Config) -> bool:
+    """The planner's memory check, before anything is loaded: refuse a layout that cannot hold the model."""
+    from backends.planner import check_fits
+
+    try:
+        result = check_fits(cfg, cfg.engine.model)
+    except ValueError as exc:  # the planner cannot size this model or device: say so, let the engine try
+        log.warning("memory plan skipped: %s", exc)
+        return True
+    if not result.fits:
+        print(f"glm-serve: the model does not fit this profile: {result.reason}", file=sys.stderr)
+    return bool(result.fits)
+
+
+# Subcommands whose own modules parse their arguments (their --help is theirs).
+DELEGATED = {
+    "plan": ("backends.planner", "memory plan: weights and KV per device for a profile and model"),
+    "bench": ("benchmarks.serve_bench", "serving benchmark: load generator, suites, baselines"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_cmd.add_argument("out_dir", help="directory to write (created if missing)")
     tiny_cmd.add_argument("--seed", type=int, default=0)
     tiny_cmd.set_defaults(func=write_tiny_glm5)
+    for name, (_, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -143,6 +168,10 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        configure_logging("info")
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]))
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"))
     return int(args.func(args))

@@ -46,6 +46,7 @@ class TorchModelRunner:
             model = cls(hf_config)
         model.load_weights(iter_safetensors(self.model_dir))
         self.model = model.to(self.dtype).eval()
+        self.attention_kernel = install_attention_kernel(self.model, self.config)
         self.sampler = Sampler(hf_config.vocab_size, seed=self.config.seed)
         log.info("loaded %s (%s) in %.1fs", self.model_dir.name, hf_config.model_type, time.monotonic() - t0)
 
@@ -103,6 +104,28 @@ class TorchModelRunner:
         sampled_reqs = [s.request for s in out.scheduled if s.sample]
         results = self.sampler(logits.cpu(), sampled_reqs)
         return {r.request_id: res for r, res in zip(sampled_reqs, results, strict=True)}
+
+
+def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:
+    """Point every attention layer at the profile's kernel (kernels/registry.py); "auto" picks the fastest
+    one available on the device. Layers default to the plain-torch reference."""
+    from kernels.registry import get_attention_kernel, preferred_kernel
+
+    name = config.attention_kernel
+    if name == "auto":
+        name = preferred_kernel(config.device, config.block_size)
+    kernel = get_attention_kernel(name, config.device, config.block_size)
+    if kernel.name == "reference":
+        return kernel.name
+    for module in model.modules():
+        if hasattr(module, "paged_attention_fn"):
+            module.paged_attention_fn = kernel.paged_attention
+        if hasattr(module, "mla_attention_fn"):
+            if kernel.mla_attention is None:
+                raise ValueError(f"attention kernel {kernel.name!r} has no MLA path for this model")
+            module.mla_attention_fn = kernel.mla_attention
+    log.info("attention kernel: %s", kernel.name)
+    return kernel.name
 
 
 @contextlib.contextmanager

@@ -12,9 +12,17 @@ the shared engine for the error tests without knowing which engine it is."""
 
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run in Triton's interpreter. The variable must be set before the first
+# `import triton` anywhere in the session (triton's own helpers are decorated at import time).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import importlib
-import os
 import socket
 import threading
 import time

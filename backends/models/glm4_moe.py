@@ -28,6 +28,7 @@ class Glm4MoeAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rope = rope
         self.scale = self.head_dim**-0.5
+        self.paged_attention_fn = paged_attention  # the runner installs the profile's kernel
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -38,7 +39,7 @@ class Glm4MoeAttention(nn.Module):
         q, k = self.rope(positions, q), self.rope(positions, k)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = self.paged_attention_fn(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def checkpoint_slot(self, rest: str) -> Slot | None:

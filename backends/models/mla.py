@@ -15,6 +15,7 @@ from torch import nn
 
 from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
+from kernels.dsa_topk import selection_to_topk
 from kernels.mla_reference import mla_paged_attention, write_rows
 from kernels.reference import AttentionMetadata
 
@@ -75,6 +76,7 @@ class MlaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
         self.rope = rope
         self.scale = softmax_scale(config)
+        self.mla_attention_fn = None  # None: kernels/mla_reference.py; else the runner installs a registry kernel
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
         q_resid = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
@@ -99,7 +101,14 @@ class MlaAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
-        o_latent = mla_paged_attention(q_latent, q_pe, cache, meta, self.scale, selection)
+        if self.mla_attention_fn is None:
+            o_latent = mla_paged_attention(q_latent, q_pe, cache, meta, self.scale, selection)
+        else:  # a registry kernel (kernels/registry.py) takes the selection as top-k index lists
+            topk = None
+            if selection is not None:
+                k = max(1, max(int(mask.sum(-1).max()) for mask in selection))
+                topk = selection_to_topk(selection, meta, k)
+            o_latent = self.mla_attention_fn(q_latent, q_pe, cache, meta, self.scale, topk)
         out = torch.einsum("thr,hvr->thv", o_latent, w_uv)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
 

@@ -99,6 +99,7 @@ class VllmEngine:
         if cfg.device == "cpu" and cfg.kv_cache_bytes:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, cfg.kv_cache_bytes >> 30)))
         args = AsyncEngineArgs(
+            **vllm_layout_args(cfg),
             model=str(model_dir),
             served_model_name=self.model_name,
             dtype=cfg.dtype,
@@ -203,6 +204,27 @@ class VllmEngine:
             self._live.discard(request.request_id)
             if done < request.n and self._llm is not None:
                 await self._llm.abort(request.request_id)
+
+
+def vllm_layout_args(cfg: EngineConfig) -> dict[str, Any]:
+    """The profile's parallel layout, cache and quantization settings as vLLM engine arguments.
+
+    FP8 checkpoints (GLM-5-FP8) carry their quantization_config, which vLLM reads itself; Ascend's W8A8 and
+    W4A8 checkpoints (ModelSlim) are loaded through vllm-ascend's quantization method "ascend"."""
+    args: dict[str, Any] = {"kv_cache_dtype": cfg.kv_cache_dtype, "block_size": cfg.block_size}
+    if cfg.weight_dtype in ("w8a8", "w4a8"):
+        args["quantization"] = "ascend"
+    if cfg.expert_parallel_size > 1:
+        args["enable_expert_parallel"] = True
+    if cfg.data_parallel_size > 1:
+        args["data_parallel_size"] = cfg.data_parallel_size
+        args["data_parallel_size_local"] = max(1, cfg.data_parallel_size // cfg.nodes)
+        if os.environ.get("GLM_SERVE_DP_ADDRESS"):  # set by the multi-node manifests (deploy/multinode)
+            args["data_parallel_address"] = os.environ["GLM_SERVE_DP_ADDRESS"]
+            args["data_parallel_rpc_port"] = int(os.environ.get("GLM_SERVE_DP_RPC_PORT", "13345"))
+    if cfg.nodes > 1 and cfg.data_parallel_size == 1:
+        args["distributed_executor_backend"] = "ray"  # TP inside a node, PP across nodes (deploy/multinode)
+    return args
 
 
 def to_vllm_params(p: SamplingParams, n: int) -> Any:

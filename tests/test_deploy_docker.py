@@ -191,11 +191,6 @@ def test_ascend_native_torch_and_torch_npu_match_pyproject():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vllm-ascend v0.23.0 ships torch 2.10.0 but pyproject pins torch==2.13.0, so the vllm-ascend "
-    "target cannot install glm-serve until the core torch requirement admits 2.10 (deploy/README.md)",
-)
 def test_ascend_vllm_target_torch_matches_pyproject():
     global_args, _ = parse(ASCEND)
     assert Version(global_args["VLLM_ASCEND_TORCH_VERSION"]) in pyproject_torch().specifier

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="cpu", help="profile for both sides")
     p.add_argument("--note", help="recorded with the result (e.g. 'machine shared')")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "frontend_overhead"))
+    p.add_argument(
+        "--update-results-md", action="store_true", help="write the result into benchmarks/RESULTS.md"
+    )
     args = p.parse_args(argv)
 
     from server.config import load_config
@@ -178,6 +181,31 @@ def main(argv: list[str] | None = None) -> int:
         f"in-process {tok_s['in_process']:.1f} tok/s, HTTP {tok_s['http']:.1f} tok/s: HTTP/in-process {ratio:.3f} (target >= {TARGET}) -> {path}"
     )
     return 0
+
+
+def results_md_section(result: dict) -> str:
+    w, m = result["workload"], result["machine"]
+    lines = [
+        f"Run {result['date']}, commit `{result['commit']}`, {m['cpu']} ({m['cpu_count']} logical CPUs, load average "
+        f"at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}), profile `{result['profile']}`.",
+        f"{w['requests']} requests x {w['repeats']} passes per path at concurrency {w['concurrency']}, prompts "
+        f"{w['input_len']} tokens +-25%, {w['output_len']} output tokens each (greedy, ignore_eos).",
+    ]
+    if result.get("note"):
+        lines.append(f"Note: {result['note']}")
+    lines += [
+        "",
+        "| path | pass | output tokens | seconds | out tok/s |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['path']} | {r['repeat']} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tokens'] / r['seconds']:.1f} |"
+            for r in result["runs"]
+        ),
+        "",
+        f"HTTP / in-process: **{result['http_over_in_process']:.3f}** (target >= {result['target']}: "
+        f"{'met' if result['met'] else 'NOT met'}).",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-results-md", action="store_true", help="write the run into benchmarks/RESULTS.md"
     )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--from-run", help="re-render a run directory's plots and summary (with its --suite)")
     g = p.add_argument_group("endpoint mode (no --suite): benchmark running servers")
     g.add_argument("--base-url", action="append", default=[], help="a running server; repeat for several")
     g.add_argument("--served-model", help="model name to request (default: the first /v1/models lists)")
@@ -133,26 +134,34 @@ def suite_servers(suite: Suite, args: argparse.Namespace, model: str, notes: lis
     return servers
 
 
+def load_run_suite(args: argparse.Namespace, notes: list[str]) -> Suite | None:
+    if args.suite:
+        suite = load_suite(args.suite)
+        if args.quick:
+            notes.append("--quick: the suite's CI subset, too few requests for figures to quote")
+            return suite.quick_subset()
+        return suite
+    if args.base_url:
+        return endpoint_suite(args)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    from benchmarks.bench import plots, report, runner
+    from benchmarks.bench import runner
 
     notes: list[str] = []
     try:
-        if args.suite:
-            suite = load_suite(args.suite)
-            if args.quick:
-                suite = suite.quick_subset()
-                notes.append("--quick: the suite's CI subset, too few requests for figures to quote")
-        elif args.base_url:
-            suite = endpoint_suite(args)
-        else:
-            print("glm-serve bench: give --suite NAME or --base-url URL", file=sys.stderr)
-            return 2
+        suite = load_run_suite(args, notes)
     except (SuiteError, ValueError) as exc:
         print(f"glm-serve bench: {exc}", file=sys.stderr)
         return 2
+    if suite is None:
+        print("glm-serve bench: give --suite NAME or --base-url URL", file=sys.stderr)
+        return 2
+    if args.from_run:
+        return finish(runner.load_run(suite, Path(args.from_run)), args)
     model = args.model or suite.model
     if model is None or (args.suite is None and args.tokenizer is None):
         from backends.loader import resolve_model_dir
@@ -166,28 +175,25 @@ def main(argv: list[str] | None = None) -> int:
         suite, servers, Path(args.out), args.tokenizer or suite.tokenizer or model,
         detailed=args.save_detailed, note=args.note, notes=notes,
     )  # fmt: skip
-    reference = servers[0].label
-    table = runner.ratios(run, ours=reference)
+    run.notes.append(f"wall time of the whole run: {(time.perf_counter() - t0) / 60:.1f} min")
+    return finish(run, args)
+
+
+def finish(run, args: argparse.Namespace) -> int:
+    """Ratios, targets, plots, results.json, summary.md (and RESULTS.md) of a run; the exit status."""
+    from benchmarks.bench import plots, report, runner
+
+    suite = run.suite
+    table = runner.ratios(run, ours=run.reference)
     checks = runner.check_targets(run, table)
     figures = (
         []
         if args.no_plots or not run.results
         else plots.plot_run(run.results, run.out_dir, suite.percentiles)
     )
-    elapsed = time.perf_counter() - t0
-    run.notes.append(f"wall time of the whole run: {elapsed / 60:.1f} min")
-    (run.out_dir / "results.json").write_text(
-        json.dumps(
-            {
-                "results": run.results,
-                "ratios": table,
-                "targets": checks,
-                "server_errors": run.server_errors,
-                "notes": run.notes,
-            },
-            indent=2,
-        )
-    )
+    record = {"results": run.results, "ratios": table, "targets": checks, "server_errors": run.server_errors}
+    record.update(notes=run.notes, reference=run.reference)
+    (run.out_dir / "results.json").write_text(json.dumps(record, indent=2))
     summary = report.summary_markdown(run, table, checks, figures)
     (run.out_dir / "summary.md").write_text(summary)
     if args.update_results_md:

@@ -57,11 +57,11 @@ def test_cpu_suite_targets_and_quick_subset():
     assert suite.model is None and suite.profile == "cpu"
     targets = {(t.workload, t.load, t.metric) for t in suite.targets}
     assert targets == {
-        ("random-256-64", "c16", "output_throughput"),
-        ("random-256-64", "c64", "output_throughput"),
-        ("random-256-64", "c16", "median_ttft_ms"),
+        ("random-256-32", "c16", "output_throughput"),
+        ("random-256-32", "c64", "output_throughput"),
+        ("random-256-32", "c16", "median_ttft_ms"),
     }
-    sweep = next(w for w in suite.workloads if w.name == "random-256-64")
+    sweep = next(w for w in suite.workloads if w.name == "random-256-32")
     assert sweep.concurrency == (1, 4, 16, 64)
     assert {w.dataset for w in suite.workloads} >= {"random", "shared_prefix"}
     assert any(w.request_rate for w in suite.workloads) and any(w.api == "chat" for w in suite.workloads)
@@ -88,8 +88,10 @@ def test_every_load_point_gets_its_own_prompts():
     prompts = [r.prompt for plan in plans for r in plan.requests + plan.warmups if not r.system]
     assert len(prompts) == len(set(prompts))
     c64 = next(p for p in plans if p.point.label() == "c64")
-    assert len(c64.requests) == 128 and len(c64.warmups) == 64
+    assert len(c64.requests) == 64 and len(c64.warmups) == 2
     assert all(r.expected_output_len <= 20 for r in c64.warmups)  # 16, +-25%
+    c1 = next(p for p in plans if p.point.label() == "c1")
+    assert len(c1.requests) == 4
 
 
 def minimal(**extra):

@@ -24,7 +24,7 @@ class LoadPoint:
     max_concurrency: int | None = None  # None: no cap
     request_rate: float = math.inf  # requests/s; inf: all at once (up to the cap)
     burstiness: float = 1.0  # gamma shape of the gaps; 1: Poisson
-    num_warmups: int = 0  # requests sent (at the same concurrency) before the run; not measured
+    num_warmups: int = 0  # short requests sent (at the same concurrency) before the run; not measured
     seed: int = 0
 
     def label(self) -> str:

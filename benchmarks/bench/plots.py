@@ -30,7 +30,7 @@ def _x(r: dict[str, Any], by_rate: bool) -> float:
     return float(r["request_rate"]) if by_rate else float(r["max_concurrency"] or math.inf)
 
 
-def _figure(title: str, xlabel: str, ylabel: str, log_x: bool):
+def _figure(title: str, xlabel: str, ylabel: str, log_x: bool, xs: Sequence[float]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +42,8 @@ def _figure(title: str, xlabel: str, ylabel: str, log_x: bool):
     ax.set_ylabel(ylabel)
     if log_x:
         ax.set_xscale("log", base=2)
+    ticks = sorted(x for x in xs if math.isfinite(x))
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.grid(True, alpha=0.3)
     return plt, fig, ax
 
@@ -57,7 +59,7 @@ def plot_workload(
         kind, xlabel = ("rate", "request rate (req/s)") if by_rate else ("concurrency", "concurrency")
         xs_all = {_x(r, by_rate) for rows in series.values() for r in rows}
         log_x = not by_rate and len(xs_all) > 2
-        plt, fig, ax = _figure(f"{workload}: output throughput", xlabel, "output tokens/s", log_x)
+        plt, fig, ax = _figure(f"{workload}: output throughput", xlabel, "output tokens/s", log_x, xs_all)
         for label, rows in series.items():
             ax.plot(
                 [_x(r, by_rate) for r in rows],
@@ -68,7 +70,7 @@ def plot_workload(
         ax.legend(fontsize=8)
         paths.append(_save(plt, fig, out_dir / f"{workload}_{kind}_throughput.png"))
         for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT")):
-            plt, fig, ax = _figure(f"{workload}: {name} percentiles", xlabel, f"{name} (ms)", log_x)
+            plt, fig, ax = _figure(f"{workload}: {name} percentiles", xlabel, f"{name} (ms)", log_x, xs_all)
             for i, (label, rows) in enumerate(series.items()):
                 color = f"C{i}"
                 for p in percentiles:

@@ -118,7 +118,7 @@ def summary_markdown(
 
 
 def update_results_md(md_path: Path, suite_name: str, section: str, figures: list[Path]) -> None:
-    """Replace (or add) this suite's section of RESULTS.md; copy its figures next to it."""
+    """Replace (or add) this suite's section of RESULTS.md; copy its figures to figures/<suite>/ beside it."""
     fig_dir = md_path.parent / "figures" / suite_name
     if fig_dir.exists():
         for old in fig_dir.glob("*.png"):
@@ -126,9 +126,15 @@ def update_results_md(md_path: Path, suite_name: str, section: str, figures: lis
     fig_dir.mkdir(parents=True, exist_ok=True)
     for p in figures:
         shutil.copy(p, fig_dir / p.name)
-    start, end = f"<!-- serve-bench:{suite_name}:start -->", f"<!-- serve-bench:{suite_name}:end -->"
+    replace_section(md_path, f"serve-bench:{suite_name}", section)
+
+
+def replace_section(md_path: Path, marker: str, section: str) -> None:
+    """Put section between <!-- marker:start --> and <!-- marker:end -->, adding the markers (above the
+    offline section, which must stay last) when the file has none."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     block = f"{start}\n{section.rstrip()}\n{end}\n"
-    text = md_path.read_text() if md_path.exists() else "# Benchmark results\n\n"
+    text = md_path.read_text() if md_path.exists() else f"# Benchmark results\n\n{OFFLINE_HEADING}\n\n"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) + 1 :]
     elif OFFLINE_HEADING in text:

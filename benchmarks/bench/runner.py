@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,7 @@ class SuiteRun:
     results: list[dict[str, Any]] = field(default_factory=list)
     server_errors: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
+    reference: str = "glm-serve"  # the server the ratios divide by the others: ours, or the first URL
 
     def by_label(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
@@ -89,8 +90,11 @@ def plan_runs(suite: Suite, tok: HFTokenizer) -> list[RunPlan]:
             n = w.prompts_for(point.max_concurrency if math.isinf(point.request_rate) else None)
             seed = w.seed + zlib.crc32(f"{w.name}/{point.label()}".encode())
             requests = build_requests(w, tok, n, seed)
-            warm_n = point.num_warmups * (point.max_concurrency or 1)
-            warmups = build_requests(w, tok, warm_n, seed + 1, WARMUP_OUTPUT_LEN) if warm_n else []
+            warmups = (
+                build_requests(w, tok, point.num_warmups, seed + 1, WARMUP_OUTPUT_LEN)
+                if point.num_warmups
+                else []
+            )
             plans.append(RunPlan(w, point, w.api or suite.api, requests, warmups))
     return plans
 
@@ -133,6 +137,7 @@ def _run_server(
                 commit=meta["commit"],
                 machine=meta["machine"],
                 note=meta.get("note"),
+                load_average=list(os.getloadavg()),  # host load after the run: how shared the machine was
             )
             run.results.append(result)
             name = f"{_slug(spec.label)}__{plan.workload.name}__{plan.point.label()}.json"
@@ -178,7 +183,7 @@ def run_suite(
 ) -> SuiteRun:
     out_dir = out_root / suite.suite / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = SuiteRun(suite, out_dir, notes=list(notes or []))
+    run = SuiteRun(suite, out_dir, notes=list(notes or []), reference=servers[0].label)
     tok = HFTokenizer(tokenizer_dir)
     plans = plan_runs(suite, tok)
     meta = {
@@ -193,6 +198,16 @@ def run_suite(
         except (ServerError, OSError) as exc:
             run.server_errors[spec.label] = str(exc)
             print(f"[{spec.label}] FAILED: {str(exc)[:2000]}", flush=True)
+    return run
+
+
+def load_run(suite: Suite, out_dir: Path) -> SuiteRun:
+    """A finished run read back from its results.json (to re-render it)."""
+    record = json.loads((out_dir / "results.json").read_text())
+    run = SuiteRun(
+        suite, out_dir, record["results"], record.get("server_errors", {}), record.get("notes", [])
+    )
+    run.reference = record.get("reference") or (run.results[0]["label"] if run.results else "glm-serve")
     return run
 
 

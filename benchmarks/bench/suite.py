@@ -15,7 +15,7 @@ and workloads, each a dataset swept over concurrency levels or request rates.
         output_len: 128
         concurrency: [1, 4, 16, 64] # one run per level ...
         request_rate: [2, 4]        # ... and/or one per rate (Poisson, or gamma with burstiness)
-        num_prompts: 64             # per run; or prompts_per_concurrency: N (N x level, at least min_prompts)
+        num_prompts: 64             # per run; or prompts_per_concurrency: N (N x level, within min_prompts..max_prompts)
     quick: {workloads: [...], concurrency: [4], num_prompts: 8}   # --quick: the CI subset
 
 Unknown keys are errors naming the key, as in configs/."""
@@ -59,12 +59,14 @@ class Workload:
     num_prompts: int | None = None
     prompts_per_concurrency: int | None = None
     min_prompts: int = 8
-    num_warmups: int = 2
+    max_prompts: int | None = None
+    num_warmups: int = 2  # short requests sent (at the run's concurrency) before each load point
     seed: int = 0
 
     def prompts_for(self, concurrency: int | None) -> int:
         if self.prompts_per_concurrency and concurrency:
-            return max(self.min_prompts, self.prompts_per_concurrency * concurrency)
+            n = max(self.min_prompts, self.prompts_per_concurrency * concurrency)
+            return min(n, self.max_prompts) if self.max_prompts else n
         return self.num_prompts or self.min_prompts
 
 

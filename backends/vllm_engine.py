@@ -211,7 +211,9 @@ def vllm_layout_args(cfg: EngineConfig) -> dict[str, Any]:
 
     FP8 checkpoints (GLM-5-FP8) carry their quantization_config, which vLLM reads itself; Ascend's W8A8 and
     W4A8 checkpoints (ModelSlim) are loaded through vllm-ascend's quantization method "ascend"."""
-    args: dict[str, Any] = {"kv_cache_dtype": cfg.kv_cache_dtype, "block_size": cfg.block_size}
+    args: dict[str, Any] = {"kv_cache_dtype": cfg.kv_cache_dtype}
+    if cfg.device != "cpu":  # vLLM's CPU attention picks its own block size (a multiple of 32)
+        args["block_size"] = cfg.block_size
     if cfg.weight_dtype in ("w8a8", "w4a8"):
         args["quantization"] = "ascend"
     if cfg.expert_parallel_size > 1:

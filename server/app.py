@@ -19,12 +19,14 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import Config, ConfigError, ServerConfig
+from server.config import ApiKey, Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
 from server.errors import body_too_large, install_error_handlers, unauthorized
 from server.metrics import RequestObserver, ServerMetrics
-from server.routes import chat, completions, health, metrics, models, tokenize
+from server.routes import chat, completions, health, metrics, models, tokenize, usage
 from server.routes.deps import ServingState
+from server.routes.overflow import OverflowService
+from server.usage import UsageRecorder
 
 log = logging.getLogger("glm_serve.app")
 EngineSource = Engine | Callable[[], Engine]  # an engine, or a factory run in a thread at startup
@@ -39,8 +41,11 @@ def create_app(
     on_engine_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """manage_engine=False: the caller starts and shuts down the engine (tests share one engine among
-    several apps). on_engine_failure is called if the engine cannot be built or started."""
+    several apps). on_engine_failure is called if the engine cannot be built or started. Overflow
+    (`overflow:`) and the usage ledger (`usage:`) come from the profile; a ConfigError says what is wrong."""
     serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
+    serving.usage = UsageRecorder.from_config(config)
+    serving.overflow = OverflowService.from_config(config, serving.metrics)
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",
@@ -50,7 +55,7 @@ def create_app(
     )
     app.state.serving = serving
     install_error_handlers(app)
-    routers = (chat, completions, models, tokenize, health, metrics)
+    routers = (chat, completions, models, tokenize, health, metrics, usage)
     for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
@@ -58,7 +63,9 @@ def create_app(
         ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
     )
     paths = frozenset(r.path for m in routers for r in m.router.routes if hasattr(r, "path"))
-    app.add_middleware(RequestObserver, metrics=serving.metrics, serving=serving, route_paths=paths)
+    app.add_middleware(
+        RequestObserver, metrics=serving.metrics, serving=serving, route_paths=paths, usage=serving.usage
+    )
     return app
 
 
@@ -79,11 +86,17 @@ def _make_lifespan(
 ) -> Callable[[FastAPI], AsyncIterator[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if serving.usage is not None:
+            serving.usage.start()
         startup = asyncio.create_task(_bring_up(serving, source, manage_engine, on_failure))
         try:
             yield
         finally:
             await _wind_down(serving, startup, manage_engine)
+            if serving.overflow is not None:
+                await serving.overflow.aclose()
+            if serving.usage is not None:
+                await asyncio.to_thread(serving.usage.close)  # flushes: every row is committed
 
     return lifespan
 
@@ -133,22 +146,16 @@ async def _wind_down(serving: ServingState, startup: asyncio.Task, manage_engine
 
 
 # -- middleware -----------------------------------------------------------------------------------------
-def load_api_keys(server: ServerConfig) -> list[bytes]:
-    keys = list(server.api_keys)
-    if server.api_key_file:
-        path = Path(server.api_key_file)
-        if not path.is_file():
-            raise ConfigError(f"api_key_file not found: {path}")
-        lines = (line.strip() for line in path.read_text().splitlines())
-        keys += [line for line in lines if line and not line.startswith("#")]
-    return [key.encode() for key in keys]
+def load_api_keys(server: ServerConfig) -> dict[bytes, ApiKey]:
+    return {key.encode(): roles for key, roles in collect_api_keys(server).items()}
 
 
 class ApiKeyCheck:
     """401 unless 'Authorization: Bearer <key>' matches a configured key (compared in constant time,
-    against every key). /health and /version stay open; /metrics is open unless protect_metrics."""
+    against every key). /health and /version stay open; /metrics is open unless protect_metrics. The
+    matched key's roles (ApiKey) go to scope["state"]["api_key"] for admission and the usage ledger."""
 
-    def __init__(self, app: ASGIApp, *, keys: list[bytes], protect_metrics: bool) -> None:
+    def __init__(self, app: ASGIApp, *, keys: dict[bytes, ApiKey], protect_metrics: bool) -> None:
         self.app = app
         self.keys = keys
         self.open_paths = {"/health", "/version"} | (set() if protect_metrics else {"/metrics"})
@@ -157,19 +164,23 @@ class ApiKeyCheck:
         if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
+        key = self._match(scope)
+        if key is None:
             await unauthorized().response()(scope, receive, send)
             return
+        scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _match(self, scope: Scope) -> ApiKey | None:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, presented = header.partition(b" ")
         if scheme.lower() != b"bearer":
             presented = b""
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(presented.strip(), key)
+        presented = presented.strip()
+        matched = None
+        for key, roles in self.keys.items():
+            if hmac.compare_digest(presented, key):
+                matched = roles
         return matched
 
 

@@ -126,6 +126,7 @@ def fits_before_loading(cfg: Config) -> bool:
 DELEGATED = {
     "plan": ("backends.planner", "memory plan: weights and KV per device for a profile and model"),
     "bench": ("benchmarks.serve_bench", "serving benchmark: load generator, suites, baselines"),
+    "usage": ("server.usage_report", "usage ledger report: tokens, overflow share, cost comparison"),
 }
 
 
@@ -141,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--host", help="address to listen on (default: the profile's, 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (default: the profile's, 8000)")
-    serve_cmd.add_argument("--api-key-file", help="file with one API key per line; requests must present one")
+    serve_cmd.add_argument(
+        "--api-key-file",
+        help="file with one API key per line, optionally followed by roles (sovereign, force_overflow, admin)",
+    )
     serve_cmd.add_argument(
         "--served-model-name", help="model name clients use (default: the model directory's name)"
     )

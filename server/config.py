@@ -4,6 +4,7 @@ CLI flags. Unknown keys are errors that name the key."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,7 +58,11 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None
     api_keys: list[str] = field(default_factory=list)
-    api_key_file: str | None = None
+    api_key_file: str | None = None  # one key per line, optionally followed by roles: `sk-... admin`
+    # Roles (KEY_ROLES); a key listed here is also a valid key. Sovereign requests never leave this server.
+    sovereign_keys: list[str] = field(default_factory=list)
+    force_overflow_keys: list[str] = field(default_factory=list)  # may send `X-Overflow: force` (testing)
+    admin_keys: list[str] = field(default_factory=list)  # may read GET /v1/usage
     protect_metrics: bool = False
     max_body_bytes: int = 4 * 1024 * 1024
     max_queued_requests: int = 256
@@ -76,6 +81,54 @@ class Config:
 
 
 _EXTRA_SECTIONS = {"overflow", "usage", "vllm", "notes"}
+KEY_ROLES = ("sovereign", "force_overflow", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What a presented key may do. key_id is the key's sha256 (16 hex digits): the ledger and logs see
+    only that, never the key."""
+
+    key_id: str
+    sovereign: bool = False
+    force_overflow: bool = False
+    admin: bool = False
+
+
+ANONYMOUS_KEY = ApiKey(key_id="anonymous")  # no API keys configured
+
+
+def api_key_id(raw: str | bytes) -> str:
+    return hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode()).hexdigest()[:16]
+
+
+def collect_api_keys(server: ServerConfig) -> dict[str, ApiKey]:
+    """Every configured key with its roles: server.api_keys, the role lists, and the key file, whose
+    lines are `key [role ...]` (# starts a comment line). A key can be sovereign or force overflow, not both."""
+    roles: dict[str, set[str]] = {key: set() for key in server.api_keys}
+    for role in KEY_ROLES:
+        for key in getattr(server, f"{role}_keys"):
+            roles.setdefault(key, set()).add(role)
+    if server.api_key_file:
+        path = Path(server.api_key_file)
+        if not path.is_file():
+            raise ConfigError(f"api_key_file not found: {path}")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            unknown = [w for w in words[1:] if w not in KEY_ROLES]
+            if unknown:
+                raise ConfigError(
+                    f"api_key_file {path}:{number}: unknown key role {unknown[0]!r} (known: {', '.join(KEY_ROLES)})"
+                )
+            roles.setdefault(words[0], set()).update(words[1:])
+    keys = {}
+    for key, held in roles.items():
+        if {"sovereign", "force_overflow"} <= held:
+            raise ConfigError(f"API key {api_key_id(key)} is both sovereign and force_overflow")
+        keys[key] = ApiKey(api_key_id(key), *(role in held for role in KEY_ROLES))
+    return keys
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -179,6 +232,16 @@ def validate(cfg: Config) -> None:
     if not 0.0 < e.memory_fraction <= 1.0:
         raise ConfigError("engine.memory_fraction must be in (0, 1]")
     _validate_hardware(e)
+    _validate_sections(cfg)
+
+
+def _validate_sections(cfg: Config) -> None:
+    """The overflow and usage sections, parsed by their own modules (imported here: they import this one)."""
+    from server.overflow import parse_overflow_config
+    from server.usage import parse_usage_config
+
+    parse_overflow_config(cfg.extra.get("overflow"))
+    parse_usage_config(cfg.extra.get("usage"))
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

@@ -12,7 +12,14 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,6 +76,28 @@ class ServerMetrics:
             "glm_serve:http_requests",
             "HTTP requests by route and status.",
             ["method", "route", "status"],
+            registry=r,
+        )
+        self.overflow_requests = Counter(
+            "glm_serve:overflow_requests",
+            "Requests sent to the overflow upstream, by trigger.",
+            ["reason"],
+            registry=r,
+        )
+        self.overflow_failures = Counter(
+            "glm_serve:overflow_failures",
+            "Overflowed requests the upstream failed (after retries).",
+            registry=r,
+        )
+        self.overflow_fallbacks = Counter(
+            "glm_serve:overflow_fallbacks",
+            "Overflow decisions served locally instead (circuit_open, upstream_failed).",
+            ["cause"],
+            registry=r,
+        )
+        self.overflow_circuit_open = Gauge(
+            "glm_serve:overflow_circuit_open",
+            "1 while the overflow circuit breaker is open or half-open, else 0.",
             registry=r,
         )
         r.register(_EngineCollector(self))
@@ -129,6 +158,27 @@ class _EngineCollector:
             yield family
 
 
+class UsageSink(Protocol):
+    def record(
+        self, scope: Scope, status: int, started_at: float, latency_s: float, access: dict[str, Any]
+    ) -> None: ...
+
+
+def _served_headers(headers: list[tuple[bytes, bytes]], access: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """X-Served-By (local | holysheep) and X-Upstream-Model from the access fields, and an X-Request-Id
+    on every answer (errors included) so a client can find its ledger row."""
+    present = {name.lower() for name, _ in headers}
+    extra = []
+    if "id" not in access:
+        access["id"] = f"req-{uuid.uuid4().hex[:12]}"
+    for header, field_name in ((b"x-request-id", "id"), (b"x-served-by", "served_by"),
+                               (b"x-upstream-model", "upstream_model")):  # fmt: skip
+        value = access.get(field_name)
+        if value and header not in present:
+            extra.append((header, str(value).encode()))
+    return [*headers, *extra] if extra else headers
+
+
 class InFlight(Protocol):
     in_flight: int
     log_prompts: bool
@@ -140,18 +190,26 @@ class RequestObserver:
     turns an unexpected exception into a 500 whose detail goes to the log only."""
 
     def __init__(
-        self, app: ASGIApp, *, metrics: ServerMetrics, serving: InFlight, route_paths: frozenset[str]
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServerMetrics,
+        serving: InFlight,
+        route_paths: frozenset[str],
+        usage: UsageSink | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.serving = serving
         self.route_paths = route_paths  # label for requests answered before routing (401, 413)
+        self.usage = usage  # the usage ledger: one row per metered request, written here
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        started_at = time.time()
         path: str = scope["path"]
         access: dict[str, Any] = {}
         scope.setdefault("state", {})["access"] = access
@@ -162,6 +220,7 @@ class RequestObserver:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
+                message = {**message, "headers": _served_headers(message.get("headers", []), access)}
             await send(message)
 
         counted = path not in QUIET_PATHS
@@ -169,7 +228,7 @@ class RequestObserver:
         try:
             await self.app(scope, receive, observing_send)
         except Exception:
-            request_id = access.get("id") or f"req-{uuid.uuid4().hex[:12]}"
+            request_id = access.get("id") or access.setdefault("id", f"req-{uuid.uuid4().hex[:12]}")
             log.exception("unhandled error in %s %s (request id %s)", scope["method"], path, request_id)
             status = 500
             if not response_started:
@@ -180,7 +239,13 @@ class RequestObserver:
             route = scope.get("route")
             route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
             self.metrics.http_requests.labels(scope["method"], route_path, str(status)).inc()
-            self._log(scope, path, status, time.perf_counter() - started, access)
+            latency_s = time.perf_counter() - started
+            if self.usage is not None:
+                try:
+                    self.usage.record(scope, status, started_at, latency_s, access)
+                except Exception:
+                    log.exception("usage row for %s not recorded", access.get("id"))
+            self._log(scope, path, status, latency_s, access)
 
     def _log(self, scope: Scope, path: str, status: int, latency_s: float, access: dict[str, Any]) -> None:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO

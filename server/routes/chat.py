@@ -36,7 +36,7 @@ from server.routes.chat_output import (
     chat_logprobs,
     make_output_processor,
 )
-from server.routes.deps import admit, check_model, get_state, ready_engine
+from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
 from server.routes.generation import Generation, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
@@ -58,7 +58,7 @@ class ChatContext:
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    engine = ready_engine(state)
+    engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     model = check_model(state, body.model)
     check_common_fields(body)
     if body.top_logprobs is not None and not body.logprobs:
@@ -68,11 +68,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), engine.max_model_len, "messages")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs)
-    admit(state, engine)
+    decision = admit(state, engine, request)
+    overflowed = await serve_overflow(
+        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prompt_ids)
+    )
+    if overflowed is not None:
+        return overflowed
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     access = request.scope.setdefault("state", {}).setdefault("access", {})
-    access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text)
+    access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text, served_by="local")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     processors = [
         make_output_processor(engine.tokenizer, prompt_text, tools, template_kwargs) for _ in range(body.n)

@@ -15,7 +15,7 @@ from server.chat_template import encode_prompt
 from server.engine_api import Engine, GenerateRequest, TokenLogprob
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.routes.deps import admit, check_model, get_state, ready_engine
+from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
 from server.routes.generation import Generation, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
@@ -77,7 +77,7 @@ class CompletionContext:
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    engine = ready_engine(state)
+    engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     model = check_model(state, body.model)
     check_common_fields(body)
     if body.suffix:
@@ -95,10 +95,18 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         params = to_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
-    admit(state, engine)
+    decision = admit(state, engine, request)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    overflowed = await serve_overflow(
+        state, engine, request, decision, path="completions", prompt_tokens=prompt_tokens
+    )
+    if overflowed is not None:
+        return overflowed
 
     access = request.scope.setdefault("state", {}).setdefault("access", {})
-    access.update(id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts])
+    access.update(
+        id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts], served_by="local"
+    )
     token_strings = (
         [[engine.tokenizer.decode([t]) for t in p.token_ids] for p in prompts] if body.echo else []
     )

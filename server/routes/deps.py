@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from starlette.responses import Response
 
-from server.config import Config
+from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.engine_api import Engine
 from server.errors import model_not_found, unavailable
 from server.metrics import ServerMetrics
+from server.overflow import OVERFLOW_HEADER, Decision, OverflowConfig, Route, decide, local_or_reject
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +30,8 @@ class ServingState:
     generations: set[Any] = field(default_factory=set)  # the routes' open Generations
     started_at: float = field(default_factory=time.time)
     log_prompts: bool = False
+    overflow: Any = None  # routes/overflow.py OverflowService; None: overflow off
+    usage: Any = None  # usage.py UsageRecorder; None: no ledger
 
     @property
     def status(self) -> str:
@@ -50,10 +54,11 @@ def get_state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
-def ready_engine(state: ServingState) -> Engine:
-    """The engine, or 503 while it loads, after it died, or while the server drains."""
+def ready_engine(state: ServingState, allow_unhealthy: bool = False) -> Engine:
+    """The engine, or 503 while it loads, after it died, or while the server drains. allow_unhealthy:
+    a dead engine is returned too (admission may send its requests to the overflow upstream)."""
     status = state.status
-    if status == "serving":
+    if status == "serving" or (status == "dead" and allow_unhealthy):
         assert state.engine is not None
         return state.engine
     messages = {
@@ -73,18 +78,49 @@ def check_model(state: ServingState, model: str | None) -> str:
     return state.served_model_name
 
 
-def admit(state: ServingState, engine: Engine) -> None:
-    """503 with Retry-After when the engine's waiting queue is full. A soft bound: requests that arrive
-    in the same instant are all checked before the engine has queued any of them."""
+DISABLED = OverflowConfig()
+
+
+def request_key(request: Request) -> ApiKey:
+    """The roles of the request's API key (set by ApiKeyCheck); anonymous when no keys are configured."""
+    return request.scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
+
+
+def admit(state: ServingState, engine: Engine, request: Request) -> Decision:
+    """Local, overflow or 503 (server/overflow.py: decide). The local queue limit is soft: requests that
+    arrive in the same instant are all checked before the engine has queued any of them."""
     if state.draining:
         raise unavailable(
             "The server is shutting down and admits no new requests.", 5.0, code="server_draining"
         )
     load = engine.load()
+    policy = state.overflow.policy if state.overflow is not None else DISABLED
+    decision = decide(
+        policy, load, engine.healthy(), request_key(request), request.headers.get(OVERFLOW_HEADER),
+        state.served_model_name, state.config.server.max_queued_requests,
+    )  # fmt: skip
+    if decision.error is not None:
+        raise decision.error
+    request.scope.setdefault("state", {}).setdefault("access", {})["running_at_admission"] = load.num_running
+    return decision
+
+
+async def serve_overflow(
+    state: ServingState,
+    engine: Engine,
+    request: Request,
+    decision: Decision,
+    *,
+    path: str,
+    prompt_tokens: int,
+) -> Response | None:
+    """The overflow upstream's answer when the decision says overflow and the upstream delivers; None:
+    serve locally (a 503 is raised when the fallback finds the local queue full)."""
+    if decision.route is not Route.OVERFLOW:
+        return None
     limit = state.config.server.max_queued_requests
-    if load.num_waiting >= limit:
-        raise unavailable(
-            f"The server is overloaded ({load.num_waiting} requests waiting, limit {limit}); retry later.",
-            retry_after_s=max(1.0, load.est_wait_s),
-            code="queue_full",
-        )
+    return await state.overflow.serve(
+        request, decision, model=state.served_model_name, path=path,
+        id_prefix="chatcmpl" if path.startswith("chat") else "cmpl", prompt_tokens=prompt_tokens,
+        local=lambda: local_or_reject(engine.load(), engine.healthy(), limit),
+    )  # fmt: skip

@@ -1,0 +1,259 @@
+"""Overflow to the HolySheep cloud API (OpenAI-compatible) when the local deployment is saturated or
+unhealthy, and the caller allows data to leave.
+
+Three parts, each testable alone:
+- OverflowConfig: the profile's `overflow:` section (off by default; unknown keys are errors).
+- decide(): the admission decision (local | overflow(reason) | reject), a pure function of the engine's
+  Load, its health, the API key's roles and the X-Overflow header. It runs before any byte is sent.
+- CircuitBreaker: opens after K consecutive upstream failures, half-opens after a cooldown (one probe).
+
+The upstream client and the pass-through live in server/overflow_upstream.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from server.config import ApiKey, ConfigError
+from server.engine_api import Load
+from server.errors import APIError, bad_request, unavailable
+
+HOLYSHEEP_BASE_URL = "https://api.holysheep.ai/v1"
+OVERFLOW_HEADER = "x-overflow"
+
+
+class Reason(str, Enum):
+    """Why a request overflowed (the label of glm_serve:overflow_requests_total)."""
+
+    QUEUE = "queue"  # local waiting queue at or above the threshold
+    WAIT = "wait"  # estimated queue wait above the threshold
+    KV = "kv"  # KV-cache usage above the threshold
+    UNHEALTHY = "unhealthy"  # the local engine is not healthy
+    FORCED = "forced"  # X-Overflow: force from a key allowed to
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Triggers:
+    """Each trigger is off when None (unhealthy: when False)."""
+
+    queue_waiting: int | None = None  # overflow when num_waiting >= this
+    est_wait_s: float | None = None  # overflow when the estimated queue wait > this
+    kv_usage: float | None = None  # overflow when KV usage (0..1) > this
+    unhealthy: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_s: float = 2.0
+    first_byte_timeout_s: float = 20.0  # from the request sent to the first body byte
+    idle_timeout_s: float = 60.0  # between body chunks after the first byte
+    retries: int = 1  # extra attempts, only before the first byte
+    retry_backoff_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failures: int = 5  # consecutive failed requests that open the circuit
+    cooldown_s: float = 30.0  # open -> half-open (one probe) after this
+
+
+@dataclass(frozen=True, slots=True)
+class OverflowConfig:
+    enabled: bool = False
+    base_url: str = HOLYSHEEP_BASE_URL
+    api_key_env: str = "HOLYSHEEP_API_KEY"  # the environment variable holding the upstream key
+    models: dict[str, str] = field(default_factory=dict)  # local model id -> upstream model id
+    triggers: Triggers = field(default_factory=Triggers)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+_NESTED = {"triggers": Triggers, "upstream": UpstreamConfig, "circuit_breaker": BreakerConfig}
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
+    built = {k: _section(_NESTED[k], v, f"{where}.{k}") if k in _NESTED else v for k, v in values.items()}
+    return cls(**built)
+
+
+def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
+    """The `overflow:` section of a profile, checked. Absent: overflow off."""
+    cfg: OverflowConfig = _section(OverflowConfig, section, "overflow")
+    if not isinstance(cfg.models, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.models.items()
+    ):
+        raise ConfigError("overflow.models must map local model ids to upstream model ids (strings)")
+    t, u, b = cfg.triggers, cfg.upstream, cfg.circuit_breaker
+    if t.queue_waiting is not None and t.queue_waiting < 1:
+        raise ConfigError("overflow.triggers.queue_waiting must be >= 1 (or null: off)")
+    if t.est_wait_s is not None and t.est_wait_s < 0:
+        raise ConfigError("overflow.triggers.est_wait_s must be >= 0 (or null: off)")
+    if t.kv_usage is not None and not 0.0 <= t.kv_usage <= 1.0:
+        raise ConfigError("overflow.triggers.kv_usage must be in [0, 1] (or null: off)")
+    for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+        if getattr(u, name) <= 0:
+            raise ConfigError(f"overflow.upstream.{name} must be > 0")
+    if u.retries < 0 or u.retry_backoff_s < 0:
+        raise ConfigError("overflow.upstream.retries and retry_backoff_s must be >= 0")
+    if b.failures < 1 or b.cooldown_s <= 0:
+        raise ConfigError("overflow.circuit_breaker.failures must be >= 1 and cooldown_s > 0")
+    if not cfg.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"overflow.base_url must be an http(s) URL, not {cfg.base_url!r}")
+    return cfg
+
+
+# -- the admission decision -------------------------------------------------------------------------------
+class Route(str, Enum):
+    LOCAL = "local"
+    OVERFLOW = "overflow"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    route: Route
+    reason: Reason | None = None  # why it overflows (OVERFLOW only)
+    error: APIError | None = None  # what the caller gets (REJECT only)
+
+
+LOCAL = Decision(Route.LOCAL)
+
+
+def pressure(triggers: Triggers, load: Load, healthy: bool) -> Reason | None:
+    """The first trigger that fires, or None when the local deployment has room."""
+    if triggers.unhealthy and not healthy:
+        return Reason.UNHEALTHY
+    if triggers.queue_waiting is not None and load.num_waiting >= triggers.queue_waiting:
+        return Reason.QUEUE
+    if triggers.est_wait_s is not None and load.est_wait_s > triggers.est_wait_s:
+        return Reason.WAIT
+    if triggers.kv_usage is not None and load.kv_usage > triggers.kv_usage:
+        return Reason.KV
+    return None
+
+
+def local_or_reject(load: Load, healthy: bool, queue_limit: int) -> Decision:
+    """Queue locally if the engine is healthy and its queue has room; otherwise 503 with Retry-After."""
+    if not healthy:
+        error = unavailable("The engine stopped working; see the server log.", 30.0, code="engine_dead")
+        return Decision(Route.REJECT, error=error)
+    if load.num_waiting >= queue_limit:
+        error = unavailable(
+            f"The server is overloaded ({load.num_waiting} requests waiting, limit {queue_limit}); retry later.",
+            retry_after_s=max(1.0, load.est_wait_s),
+            code="queue_full",
+        )
+        return Decision(Route.REJECT, error=error)
+    return LOCAL
+
+
+def overflow_mode(header: str | None) -> str:
+    """auto (no header) | never | force."""
+    mode = (header or "auto").strip().lower()
+    if mode not in ("auto", "never", "force"):
+        raise bad_request(
+            f"Invalid X-Overflow header {header!r}: use 'never', 'auto' or 'force'.", code="invalid_header"
+        )
+    return mode
+
+
+def decide(
+    policy: OverflowConfig,
+    load: Load,
+    healthy: bool,
+    key: ApiKey,
+    header: str | None,
+    model: str,
+    queue_limit: int,
+) -> Decision:
+    """local | overflow(reason) | reject. A request leaves only if overflow is enabled, the model has an
+    upstream id, the key is not sovereign and the request does not say X-Overflow: never; then it
+    leaves when a trigger fires (or when forced by a key allowed to force). What cannot leave queues
+    locally or gets 503: it never leaves, whatever the load."""
+    mode = overflow_mode(header)
+    may_leave = policy.enabled and model in policy.models and not key.sovereign and mode != "never"
+    if mode == "force":
+        if not key.force_overflow:
+            error = APIError(403, "This API key may not force overflow.", code="overflow_force_denied")
+            return Decision(Route.REJECT, error=error)
+        if not may_leave:
+            error = bad_request(
+                f"Overflow is not enabled for model {model!r} on this server.", code="overflow_disabled"
+            )
+            return Decision(Route.REJECT, error=error)
+        return Decision(Route.OVERFLOW, Reason.FORCED)
+    if may_leave:
+        reason = pressure(policy.triggers, load, healthy)
+        if reason is not None:
+            return Decision(Route.OVERFLOW, reason)
+    return local_or_reject(load, healthy, queue_limit)
+
+
+# -- circuit breaker --------------------------------------------------------------------------------------
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Closed: requests go upstream; `failures` consecutive failures open it. Open: none go until
+    `cooldown_s` has passed, then half-open: one probe goes; its success closes the circuit, its failure
+    opens it for another cooldown. The clock is injectable (tests step it instead of sleeping)."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = failures
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.consecutive_failures = 0
+        self._opened_at: float | None = None
+        self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self.clock() - self._opened_at >= self.cooldown_s:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def is_open(self) -> bool:
+        """For the gauge: 1 until the circuit has closed again (half-open included)."""
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """May a request go upstream now? In half-open, only the first caller (the probe) may."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        self._opened_at = None
+        self._probe_in_flight = False
+
+    def record_failure(self) -> None:
+        self.consecutive_failures += 1
+        if self._probe_in_flight or self.consecutive_failures >= self.threshold:
+            self._opened_at = self.clock()
+        self._probe_in_flight = False
+
+    def release(self) -> None:
+        """A request allowed through ended with neither verdict (the client left first)."""
+        self._probe_in_flight = False

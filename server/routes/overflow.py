@@ -1,0 +1,185 @@
+"""Serving one admitted request on the overflow upstream, or falling back to the local queue.
+
+The route has already decided (server/overflow.py: decide) that the request overflows. Here: the
+circuit breaker gets its say, the body goes upstream with the mapped model id, and once the upstream's
+first byte is in, the answer is passed through (streamed or not) with the local model id and the
+headers X-Served-By: holysheep and X-Upstream-Model. Before that first byte nothing has been sent to
+the client, so an upstream failure (after the retries) sends the request back to the local queue, or
+to a 503 with Retry-After when the local queue cannot take it either: a request is never lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from fastapi import Request
+from starlette.responses import Response
+
+from server.config import Config, ConfigError
+from server.errors import APIError
+from server.metrics import ServerMetrics
+from server.overflow import CircuitBreaker, Decision, OverflowConfig, Reason, parse_overflow_config
+from server.overflow_upstream import (
+    SseRewriter,
+    Tally,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamStream,
+    read_body,
+    rewrite_json,
+    stream_events,
+)
+from server.routes.generation import ClientDisconnected, until_disconnected
+
+log = logging.getLogger("glm_serve.overflow")
+UPSTREAM_NAME = "holysheep"  # the X-Served-By value and the ledger's backend for overflowed requests
+
+
+class OverflowService:
+    def __init__(
+        self,
+        policy: OverflowConfig,
+        api_key: str,
+        metrics: ServerMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.policy = policy
+        self.metrics = metrics
+        self.breaker = CircuitBreaker(
+            policy.circuit_breaker.failures, policy.circuit_breaker.cooldown_s, clock
+        )
+        self.client = UpstreamClient(policy.base_url, api_key, policy.upstream, transport=transport)
+        metrics.overflow_circuit_open.set_function(lambda: float(self.breaker.is_open()))
+        for reason in Reason:
+            metrics.overflow_requests.labels(reason.value)
+
+    @classmethod
+    def from_config(cls, config: Config, metrics: ServerMetrics) -> OverflowService | None:
+        """None when overflow is off; a ConfigError when it is on without an upstream key."""
+        policy = parse_overflow_config(config.extra.get("overflow"))
+        if not policy.enabled:
+            return None
+        api_key = os.environ.get(policy.api_key_env, "")
+        if not api_key:
+            raise ConfigError(
+                f"overflow is enabled but the environment variable {policy.api_key_env} (the upstream API key) is unset"
+            )
+        return cls(policy, api_key, metrics)
+
+    async def serve(
+        self,
+        request: Request,
+        decision: Decision,
+        *,
+        model: str,
+        path: str,
+        id_prefix: str,
+        prompt_tokens: int,
+        local: Callable[[], Decision],
+    ) -> Response | None:
+        """The upstream's answer, or None: serve locally (the fallback). `local` re-checks the local
+        queue for the fallback; when it rejects, its 503 is raised."""
+        access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
+        body = dict(await request.json())
+        stream = bool(body.get("stream"))
+        stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        include_usage = stream and bool(stream_options.get("include_usage"))
+        remote = self.policy.models[model]
+        body["model"] = remote
+        if stream:  # the ledger needs the upstream's token counts; the client sees them only if it asked
+            body["stream_options"] = {**stream_options, "include_usage": True}
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        assert decision.reason is not None
+        access.update(id=request_id, model=model, stream=stream, overflow_reason=decision.reason.value)
+        if not self.breaker.allow():
+            return self._fall_back(access, local, "circuit_open", "the circuit breaker is open")
+        self.metrics.overflow_requests.labels(decision.reason.value).inc()
+        tally = Tally(local_prompt_tokens=prompt_tokens)
+        try:
+            opened = await until_disconnected(request, self.client.open(path, body))
+        except ClientDisconnected:
+            self.breaker.release()
+            tally.ended = "abort"
+            access.update(status=499, served_by=UPSTREAM_NAME, upstream_model=remote, **tally.access_fields())
+            return Response(status_code=499)
+        except UpstreamError as exc:
+            self.metrics.overflow_failures.inc()
+            if exc.breaker:
+                self.breaker.record_failure()
+            else:  # the upstream answered: it is up, it refused this request
+                self.breaker.record_success()
+            log.warning("overflow of %s failed before the first byte: %s", request_id, exc)
+            return self._fall_back(access, local, "upstream_failed", str(exc))
+        self.breaker.record_success()
+        access.update(served_by=UPSTREAM_NAME, upstream_model=remote)
+        headers = {"X-Request-Id": request_id}
+        idle_timeout = self.policy.upstream.idle_timeout_s
+        if stream:
+            rewriter = SseRewriter(model, request_id, include_usage, tally)
+
+            def on_close() -> None:
+                if tally.ended is None and not rewriter.done:
+                    tally.ended = "abort"  # the client left mid-stream
+                if tally.ended == "error":
+                    self._failed_after_first_byte(request_id)
+                access.update(tally.access_fields())
+
+            return UpstreamStream(stream_events(opened, rewriter, idle_timeout), opened, on_close, headers)
+        return await self._complete(request, opened, tally, access, model, request_id, idle_timeout)
+
+    async def _complete(
+        self,
+        request: Request,
+        opened: Any,
+        tally: Tally,
+        access: dict,
+        model: str,
+        request_id: str,
+        idle: float,
+    ) -> Response:
+        try:
+            raw = await until_disconnected(request, read_body(opened, idle))
+            response = rewrite_json(raw, model, request_id, tally)
+        except ClientDisconnected:
+            tally.ended = "abort"
+            access["status"] = 499
+            response = Response(status_code=499)
+        except UpstreamError as exc:
+            tally.ended = "error"
+            response = exc.api_error().response()
+        finally:
+            await opened.aclose()
+        if tally.ended == "error":
+            self._failed_after_first_byte(request_id)
+        access.update(tally.access_fields())
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    def _failed_after_first_byte(self, request_id: str) -> None:
+        log.warning("overflow of %s failed after the first byte; the client got an error", request_id)
+        self.metrics.overflow_failures.inc()
+        self.breaker.record_failure()
+
+    def _fall_back(self, access: dict[str, Any], local: Callable[[], Decision], cause: str, why: str) -> None:
+        decision = local()
+        if decision.error is not None:
+            error = decision.error
+            raise APIError(
+                error.status,
+                f"{error.message} The overflow upstream is unavailable too ({why}).",
+                code=error.code,
+                headers=error.headers,
+            )
+        access["overflow_fallback"] = cause
+        self.metrics.overflow_fallbacks.labels(cause).inc()
+        return None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-results-md", action="store_true", help="write the run into benchmarks/RESULTS.md"
     )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--baseline-first", action="store_true", help="run the baselines before ours (order check)"
+    )
     p.add_argument("--from-run", help="re-render a run directory's plots and summary (with its --suite)")
     g = p.add_argument_group("endpoint mode (no --suite): benchmark running servers")
     g.add_argument("--base-url", action="append", default=[], help="a running server; repeat for several")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = [url_spec(u, args.served_model, args.api_key) for u in args.base_url]
     run = runner.run_suite(
         suite, servers, Path(args.out), args.tokenizer or suite.tokenizer or model,
-        detailed=args.save_detailed, note=args.note, notes=notes,
+        detailed=args.save_detailed, note=args.note, notes=notes, baseline_first=args.baseline_first,
     )  # fmt: skip
     run.notes.append(f"wall time of the whole run: {(time.perf_counter() - t0) / 60:.1f} min")
     return finish(run, args)
@@ -186,11 +189,13 @@ def finish(run, args: argparse.Namespace) -> int:
     suite = run.suite
     table = runner.ratios(run, ours=run.reference)
     checks = runner.check_targets(run, table)
-    figures = (
-        []
-        if args.no_plots or not run.results
-        else plots.plot_run(run.results, run.out_dir, suite.percentiles)
-    )
+    figures = []
+    if not args.no_plots and run.results:
+        try:
+            figures = plots.plot_run(run.results, run.out_dir, suite.percentiles)
+        except ImportError:
+            run.notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+            print(f"NOTE: {run.notes[-1]}", flush=True)
     record = {"results": run.results, "ratios": table, "targets": checks, "server_errors": run.server_errors}
     record.update(notes=run.notes, reference=run.reference)
     (run.out_dir / "results.json").write_text(json.dumps(record, indent=2))

@@ -180,10 +180,14 @@ def run_suite(
     detailed: bool = False,
     note: str | None = None,
     notes: list[str] | None = None,
+    baseline_first: bool = False,
 ) -> SuiteRun:
     out_dir = out_root / suite.suite / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     run = SuiteRun(suite, out_dir, notes=list(notes or []), reference=servers[0].label)
+    if baseline_first and len(servers) > 1:
+        servers = [*servers[1:], servers[0]]
+        run.notes.append(f"order: baselines first, {run.reference} last")
     tok = HFTokenizer(tokenizer_dir)
     plans = plan_runs(suite, tok)
     meta = {

@@ -49,7 +49,7 @@ class Triggers:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_s: float = 2.0
-    first_byte_timeout_s: float = 20.0  # from the request sent to the first body byte
+    first_byte_timeout_s: float = 20.0  # the first body byte comes within connect_timeout_s + this
     idle_timeout_s: float = 60.0  # between body chunks after the first byte
     retries: int = 1  # extra attempts, only before the first byte
     retry_backoff_s: float = 0.2

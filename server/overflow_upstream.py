@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,27 +161,36 @@ class Tally:
         for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta") or choice.get("message") or {}
-            text = choice.get("text") if "text" in choice else None
-            if text or (isinstance(delta, dict) and any(delta.get(k) for k in ("content", "reasoning_content",
-                                                                              "reasoning", "tool_calls"))):  # fmt: skip
+            if _has_output(choice):
                 self.content_chunks += 1
                 if self.first_content is None:
                     self.first_content = time.monotonic()
             if choice.get("finish_reason"):
-                self.finish_reasons[int(choice.get("index", 0))] = str(choice["finish_reason"])
+                self.finish_reasons[int(choice.get("index") or 0)] = str(choice["finish_reason"])
 
     def access_fields(self) -> dict[str, Any]:
-        exact = isinstance(self.usage, dict) and "prompt_tokens" in self.usage
-        prompt = int(self.usage.get("prompt_tokens", 0)) if exact else self.local_prompt_tokens  # type: ignore[union-attr]
-        completion = int(self.usage.get("completion_tokens", 0) or 0) if exact else self.content_chunks  # type: ignore[union-attr]
-        reasons = sorted(set(self.finish_reasons.values())) if self.ended is None else [self.ended]
-        fields_: dict[str, Any] = dict(
-            prompt_tokens=prompt, completion_tokens=completion, tokens_exact=exact, finish_reasons=reasons
-        )
+        """The usage fields of the access log (and so of the ledger row)."""
+        usage = self.usage if isinstance(self.usage, dict) and "prompt_tokens" in self.usage else None
+        out: dict[str, Any] = {
+            "prompt_tokens": int(usage["prompt_tokens"] or 0) if usage else self.local_prompt_tokens,
+            "completion_tokens": int(usage.get("completion_tokens") or 0) if usage else self.content_chunks,
+            "tokens_exact": usage is not None,
+            "finish_reasons": [self.ended] if self.ended else sorted(set(self.finish_reasons.values())),
+        }
         if self.first_content is not None:
-            fields_["ttft_s"] = round(self.first_content - self.started, 4)
-        return fields_
+            out["ttft_s"] = round(self.first_content - self.started, 4)
+        return out
+
+
+OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls")
+
+
+def _has_output(choice: dict[str, Any]) -> bool:
+    """Does this choice (a chunk's or a response's) carry generated output?"""
+    if choice.get("text"):
+        return True
+    message = choice.get("delta") or choice.get("message")
+    return isinstance(message, dict) and any(message.get(k) for k in OUTPUT_FIELDS)
 
 
 # -- pass-through -----------------------------------------------------------------------------------------
@@ -260,7 +269,11 @@ class UpstreamStream(StreamingResponse):
     the client gone, a shutdown) and then reports the tally (the access fields the ledger reads)."""
 
     def __init__(
-        self, body: AsyncIterator[bytes], opened: Opened, on_close: Any, headers: dict[str, str]
+        self,
+        body: AsyncIterator[bytes],
+        opened: Opened,
+        on_close: Callable[[], None],
+        headers: dict[str, str],
     ) -> None:
         super().__init__(
             body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers}
@@ -269,10 +282,8 @@ class UpstreamStream(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        finished = False
         try:
             await super().__call__(scope, receive, send)
-            finished = True
         finally:
             with anyio.CancelScope(shield=True):
                 close_body = getattr(self.body_iterator, "aclose", None)
@@ -282,7 +293,7 @@ class UpstreamStream(StreamingResponse):
                     except RuntimeError:  # still running: cancelled inside and finishing
                         pass
                 await self._opened.aclose()
-                self._on_close(finished)
+                self._on_close()
 
 
 async def read_body(opened: Opened, idle_timeout_s: float) -> bytes:

@@ -5,8 +5,8 @@ cost) locally, on the overflow upstream and on the official APIs.
 Every figure is a SUM over ledger rows (server/usage.py explains each row's cost columns), so the totals
 match the rows. In `cost_usd`: local and overflow are what was spent, actual their sum; if_official and
 if_holysheep price every token of the period at the official API's / HolySheep's price of its model
-(tokens of models without such a price are counted in `unpriced_tokens`; null: none priced); if_local extrapolates the
-period's local $ per token (GPU-hours x usage.gpu_hour_usd) to every token."""
+(tokens of models without such a price are counted in `unpriced_tokens`; null when none is priced);
+if_local extrapolates the period's local $ per token (GPU-hours x usage.gpu_hour_usd) to every token."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ The fixtures here are imported by tests/test_usage_http.py as well."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ SATURATED = 10  # waiting requests: over the queue trigger (4), under server.max
 FULL = 300  # over server.max_queued_requests: nothing more queues locally
 TEST_PRICES = {"glm-5": {"official": {"input": 1.0, "output": 4.0}}}  # test-only official price for glm-5
 MESSAGES = [{"role": "user", "content": "Say hello."}]
+BROKE = "the upstream broke (a test failure)"
 
 
 class Dial(EngineProxy):
@@ -58,7 +60,7 @@ class Dial(EngineProxy):
         try:
             async for delta in stream:
                 if self.fail_after is not None and produced >= self.fail_after:
-                    raise RuntimeError("the upstream broke")
+                    raise RuntimeError(BROKE)
                 produced += 1
                 yield delta
         finally:
@@ -151,6 +153,16 @@ def deploy(loop_thread, engine, tmp_path_factory) -> Iterator[Callable[..., Depl
     for handle in handles:
         handle.stop()
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(caplog) -> Iterator[None]:
+    """Nothing fails silently behind a 200: no ERROR log but the upstream failures tests cause."""
+    caplog.set_level(logging.WARNING)
+    yield
+    for record in caplog.get_records("setup") + caplog.get_records("call"):
+        caused = record.exc_info is not None and str(record.exc_info[1]) == BROKE
+        assert record.levelno < logging.ERROR or caused, record.getMessage()
 
 
 def served_by(response: Any) -> str:

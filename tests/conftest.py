@@ -21,6 +21,12 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Usage ledgers written by test servers go to a throw-away folder, not the user's home.
+if "GLM_SERVE_STATE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["GLM_SERVE_STATE_DIR"] = tempfile.mkdtemp(prefix="glm-serve-test-state-")
+
 import asyncio
 import importlib
 import socket

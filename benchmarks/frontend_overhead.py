@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="in-process/HTTP pairs, alternated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="cpu", help="profile for both sides")

@@ -1,19 +1,27 @@
 """Device-agnostic model runner of the native engine: loads the model, owns the paged KV cache, turns a
 SchedulerOutput into one forward pass and samples a token for each request whose computed tokens
-reached its tokens."""
+reached its tokens.
+
+Tensor parallelism (tensor_parallel_size > 1): the engine's runner is rank 0. It starts the workers
+(backends/tp_worker.py), each of which builds a runner of its own rank over its shard and KV cache. Every
+step rank 0 broadcasts the step's inputs (StepInputs: plain lists), all ranks run the same forward and meet
+in its collectives, and rank 0 alone gathers the logits and samples."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from backends.loader import iter_safetensors
 from backends.models import model_class
+from backends.parallel import TensorParallel, iter_checkpoint_slices, use
 from backends.sampler import Sampler, SampleResult
 from kernels.reference import build_metadata
 from server.config import EngineConfig
@@ -24,46 +32,129 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """What every rank needs for one forward pass; small and picklable (rank 0 broadcasts it)."""
+
+    input_ids: list[int]
+    starts: list[int]
+    query_lens: list[int]
+    block_tables: list[list[int]]
+    sample_index: list[int]  # rows of the flattened tokens whose logits are sampled
+
+
+def step_inputs(out: SchedulerOutput) -> StepInputs:
+    input_ids: list[int] = []
+    sample_index: list[int] = []
+    for s in out.scheduled:
+        req = s.request
+        tokens = req.all_token_ids() if s.start + s.num_new_tokens > req.num_prompt_tokens else None
+        for pos in range(s.start, s.start + s.num_new_tokens):
+            input_ids.append(tokens[pos] if tokens is not None else req.prompt_token_ids[pos])
+        if s.sample:
+            sample_index.append(len(input_ids) - 1)
+    return StepInputs(
+        input_ids,
+        [s.start for s in out.scheduled],
+        [s.num_new_tokens for s in out.scheduled],
+        [s.block_ids for s in out.scheduled],
+        sample_index,
+    )
+
+
 class TorchModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path):
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0):
         self.config = config
         self.model_dir = model_dir
+        self.tp = TensorParallel(rank, config.tensor_parallel_size)
         self.device = torch.device(config.device)
+        if self.tp.size > 1:
+            from backends.devices import get_device
+
+            self.device = torch.device(get_device(config.device).device_string(rank))
         self.dtype = DTYPES[config.dtype]
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
         self.model = None
         self.kv_caches: list = []
         self.num_blocks = 0
+        self.workers = None  # rank 0 of a tensor-parallel group: backends.tp_worker.TPWorkers
 
     def load_model(self) -> None:
+        """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
+        load in parallel) and then joins the process group with them."""
+        if self.tp.size > 1 and self.tp.rank == 0:
+            from backends.tp_worker import TPWorkers
+
+            self.workers = TPWorkers(self.config, self.model_dir)
+        try:
+            self._load()
+            if self.workers is not None:
+                self.workers.connect()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _load(self) -> None:
         from transformers import AutoConfig
 
         t0 = time.monotonic()
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.hf_config = hf_config
         cls = model_class(hf_config.model_type)
-        with torch.device(self.device), _skip_param_init():
+        if self.tp.size > 1:
+            from backends.devices import get_device
+
+            get_device(self.config.device).set_device(self.tp.rank)
+        with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
-        model.load_weights(iter_safetensors(self.model_dir))
+        tensors = iter_safetensors if self.tp.size == 1 else iter_checkpoint_slices
+        model.load_weights(tensors(self.model_dir))
         self.model = model.to(self.dtype).eval()
         self.attention_kernel = install_attention_kernel(self.model, self.config)
-        self.sampler = Sampler(hf_config.vocab_size, seed=self.config.seed)
-        log.info("loaded %s (%s) in %.1fs", self.model_dir.name, hf_config.model_type, time.monotonic() - t0)
+        if self.tp.rank == 0:
+            self.sampler = Sampler(hf_config.vocab_size, seed=self.config.seed)
+        log.info(
+            "loaded %s (%s%s) in %.1fs",
+            self.model_dir.name,
+            hf_config.model_type,
+            f", TP rank {self.tp.rank}/{self.tp.size}" if self.tp.size > 1 else "",
+            time.monotonic() - t0,
+        )
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any) and leave the process group. Idempotent."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.stop()
+
+    def _on_all_ranks(self, method: str, *args: Any) -> Any:
+        """Run `method` here and, under tensor parallelism, on every worker (which joins its collectives)."""
+        if self.workers is None:
+            return getattr(self, method)(*args)
+        with self.workers.guard():
+            self.workers.send(method, args)
+            return getattr(self, method)(*args)
 
     def profile_num_kv_blocks(self) -> int:
         """KV blocks for the configured budget: num_kv_blocks, else kv_cache_bytes, else the memory fraction
-        of free device memory after the weights."""
+        of free device memory after the weights. Budgets are per rank; all ranks take the smallest count."""
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
+        return self._on_all_ranks("_fit_kv_blocks")
+
+    def _fit_kv_blocks(self) -> int:
         per_block = self.model.kv_bytes_per_token(self.kv_dtype) * self.config.block_size
         budget = self.config.kv_cache_bytes
         if budget is None:
             from backends.devices import get_device
 
-            budget = get_device(self.config.device).kv_budget_bytes(self.config.memory_fraction)
-        return max(1, budget // per_block)
+            budget = get_device(self.config.device).kv_budget_bytes(self.config.memory_fraction, self.tp.rank)
+        return self.tp.all_reduce_min(max(1, budget // per_block), self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._on_all_ranks("_allocate_kv_cache", num_blocks)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, self.kv_dtype, self.device
@@ -77,33 +168,29 @@ class TorchModelRunner:
         """One forward pass over every scheduled chunk; a token for each request with sample=True."""
         if not out.scheduled:
             return {}
-        input_ids: list[int] = []
-        positions: list[int] = []
-        sample_index: list[int] = []
-        for s in out.scheduled:
-            req = s.request
-            tokens = req.all_token_ids() if s.start + s.num_new_tokens > req.num_prompt_tokens else None
-            for pos in range(s.start, s.start + s.num_new_tokens):
-                input_ids.append(tokens[pos] if tokens is not None else req.prompt_token_ids[pos])
-            positions.extend(range(s.start, s.start + s.num_new_tokens))
-            if s.sample:
-                sample_index.append(len(input_ids) - 1)
-        meta = build_metadata(
-            [s.start for s in out.scheduled],
-            [s.num_new_tokens for s in out.scheduled],
-            [s.block_ids for s in out.scheduled],
-            self.config.block_size,
-            self.device,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
-        if not sample_index:
+        logits = self._on_all_ranks("run_step", step_inputs(out))
+        if logits is None:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
         sampled_reqs = [s.request for s in out.scheduled if s.sample]
         results = self.sampler(logits.cpu(), sampled_reqs)
         return {r.request_id: res for r, res in zip(sampled_reqs, results, strict=True)}
+
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs) -> torch.Tensor | None:
+        """The forward pass of one step on this rank; the sampled rows' logits on rank 0 (None elsewhere,
+        or when nothing is sampled)."""
+        meta = build_metadata(
+            step.starts, step.query_lens, step.block_tables, self.config.block_size, self.device
+        )
+        positions = [
+            p for start, n in zip(step.starts, step.query_lens, strict=True) for p in range(start, start + n)
+        ]
+        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not step.sample_index:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(step.sample_index, device=self.device)])
 
 
 def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:

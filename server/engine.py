@@ -106,11 +106,15 @@ class NativeEngine:
         self._detok_tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.runner = TorchModelRunner(cfg, self.model_dir)
-        self.runner.load_model()
+        self.runner.load_model()  # with tensor_parallel_size > 1, also starts the worker ranks
         model_max = getattr(self.runner.hf_config, "max_position_embeddings", 4096)
         self.max_model_len = min(cfg.max_model_len or model_max, model_max)
-        num_blocks = self.runner.profile_num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = self.runner.profile_num_kv_blocks()
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.runner.shutdown()
+            raise
         kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         log.info(
@@ -136,6 +140,8 @@ class NativeEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if getattr(self, "runner", None) is not None:
+            await asyncio.to_thread(self.runner.shutdown)  # tensor-parallel workers
         for choice in list(self._choices.values()):
             self._publish([(choice.sink, self._final(choice, "abort", error="server shut down"))])
         self._ready = False

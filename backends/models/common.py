@@ -1,11 +1,21 @@
 """Layers shared by the model implementations: RMSNorm, rotary embedding, SwiGLU MLP, and the
-weight-loading helper. Models read their hyper-parameters from the Hugging Face config object."""
+checkpoint loader (tensor-parallel aware: see backends/parallel.py). Models read their hyper-parameters
+from the Hugging Face config object."""
 
 from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from backends.parallel import OTHER_RANK, ColumnParallelLinear, RowParallelLinear, Slot, current, read
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -68,41 +78,95 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul. Under tensor parallelism gate/up
+    are split by columns and down by rows; `reduce=False` leaves down's partial sum to the caller."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, reduce: bool = True):
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        first, rows = current().split(intermediate, "intermediate_size")
+        self.gate_up = ColumnParallelLinear(hidden, [("gate_proj", first, rows), ("up_proj", first, rows)])
+        self.down = RowParallelLinear(first, rows, hidden, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def checkpoint_slot(self, rest: str) -> Slot | None:
+        """The checkpoint stores gate_proj, up_proj and down_proj separately."""
+        proj, _, kind = rest.partition(".")
+        if proj == "down_proj":
+            slot = self.down.checkpoint_slot(kind)
+            return slot.within("down") if slot else None
+        slot = self.gate_up.part_slot(proj, kind)
+        return slot.within("gate_up") if slot else None
 
-def load_weights(module: nn.Module, named_tensors, rename) -> set[str]:
-    """Copy checkpoint tensors into the module. `rename(name) -> (param_name, shard) | None` maps a
-    checkpoint name to our parameter and, for fused parameters, which slice (index, count) it fills along
-    dim 0. Returns the parameter names that were loaded."""
-    params = dict(module.named_parameters())
+
+def fused_qkv_slot(qkv: ColumnParallelLinear, rest: str) -> Slot | None:
+    """q_proj/k_proj/v_proj.{weight,bias} of an attention layer into its fused `qkv`."""
+    proj, _, kind = rest.partition(".")
+    slot = qkv.part_slot(proj, kind)
+    return slot.within("qkv") if slot else None
+
+
+# --- checkpoint loading -----------------------------------------------------------------------------------
+def load_checkpoint(
+    model: nn.Module, named_tensors: Iterable[tuple[str, Any]], num_layers: int, tie: bool
+) -> None:
+    """Copy a Hugging Face checkpoint into `model` (this rank's parts of it). Names load as they are where
+    they match a parameter; fused or split parameters are placed by the innermost module that has a
+    `checkpoint_slot(rest)`. Layers from `num_layers` on (GLM's multi-token-prediction layers: no
+    speculative decoding) are skipped, and so is lm_head when tied. Tensors a module gives to another rank
+    (OTHER_RANK) are never read. Returns how many tensors of layers from `num_layers` on were skipped."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
+    skipped_mtp, unknown = 0, []
     for name, tensor in named_tensors:
-        target = rename(name)
-        if target is None:
+        name = name.removeprefix("model.")
+        match = re.match(r"layers\.(\d+)\.", name)
+        if match and int(match.group(1)) >= num_layers:
+            skipped_mtp += 1
             continue
-        param_name, shard = target
-        if param_name not in params:
-            raise KeyError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
-        param = params[param_name]
-        with torch.no_grad():
-            if shard is None:
-                if param.shape != tensor.shape:
-                    raise ValueError(
-                        f"{name}: shape {tuple(tensor.shape)} != {param_name} {tuple(param.shape)}"
-                    )
-                param.copy_(tensor)
-            else:
-                offset, size = shard
-                param[offset : offset + size].copy_(tensor)
-        loaded.add(param_name)
-    return loaded
+        if name == "lm_head.weight" and tie:
+            continue
+        if name.endswith(("_scale_inv", "weight_scale", "input_scale")):
+            raise ValueError(
+                f"{name}: quantized (FP8) checkpoints are not supported by the native engine; "
+                "use the BF16 checkpoint, or the vllm backend"
+            )
+        slot = find_slot(modules, name) or (Slot(name) if name in params else None)
+        if slot is None:
+            unknown.append(name)
+        elif slot != OTHER_RANK:
+            copy_slot(params, slot, tensor, name)
+            loaded.add(slot.param)
+    if unknown:
+        log.warning("ignored %d unknown checkpoint tensors, e.g. %s", len(unknown), unknown[:3])
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return skipped_mtp
+
+
+def find_slot(modules: dict[str, nn.Module], name: str) -> Slot | None:
+    """Ask the innermost enclosing module that knows a checkpoint layout where `name` goes."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = modules.get(".".join(parts[:cut]))
+        if module is not None and hasattr(module, "checkpoint_slot"):
+            slot = module.checkpoint_slot(".".join(parts[cut:]))
+            if slot is not None:
+                return slot.within(".".join(parts[:cut]))
+    return None
+
+
+def copy_slot(params: dict[str, nn.Parameter], slot: Slot, tensor: Any, name: str) -> None:
+    target = params[slot.param] if slot.index is None else params[slot.param][slot.index]
+    part = read(tensor, slot.narrow)
+    if target.shape != part.shape:
+        where = "" if slot.narrow is None else f" (part {slot.narrow})"
+        raise ValueError(
+            f"{name}{where}: shape {tuple(part.shape)} != {slot.param}[{slot.index}] {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(part)

@@ -1,27 +1,34 @@
 """GLM-4.5 / 4.6 / 4.7 (model_type glm4_moe): GQA attention with partial rotary (the first half of each
-head by default), optional q/k RMSNorm and q/k/v bias, over the paged KV cache; MoE from moe.py."""
+head by default), optional q/k RMSNorm and q/k/v bias, over the paged KV cache; MoE from moe.py. Under tensor
+parallelism each rank holds its query and KV heads (backends/parallel.py: attention_heads)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
-from backends.models.moe import GlmCausalLM, Slot, StepState
+from backends.models.common import RMSNorm, RotaryEmbedding, fused_qkv_slot, rope_parameters
+from backends.models.moe import GlmCausalLM, StepState
+from backends.parallel import ColumnParallelLinear, RowParallelLinear, Slot, attention_heads, current
 from kernels.reference import AttentionMetadata, paged_attention, write_kv
 
 
 class Glm4MoeAttention(nn.Module):
     def __init__(self, config, rope: RotaryEmbedding):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        (q0, self.num_heads), (k0, self.num_kv_heads) = attention_heads(current(), heads, kv_heads)
+        self.head_dim = d = head_dim(config)
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        parts = [
+            ("q_proj", q0 * d, self.q_size),
+            ("k_proj", k0 * d, self.kv_size),
+            ("v_proj", k0 * d, self.kv_size),
+        ]
+        self.qkv = ColumnParallelLinear(config.hidden_size, parts, bias=bias)
+        self.o_proj = RowParallelLinear(q0 * d, self.q_size, config.hidden_size)
         self.use_qk_norm = bool(getattr(config, "use_qk_norm", False))
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -43,16 +50,7 @@ class Glm4MoeAttention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def checkpoint_slot(self, rest: str) -> Slot | None:
-        proj, _, kind = rest.partition(".")
-        spans = {
-            "q_proj": (0, self.q_size),
-            "k_proj": (self.q_size, self.kv_size),
-            "v_proj": (self.q_size + self.kv_size, self.kv_size),
-        }
-        if proj not in spans or kind not in ("weight", "bias"):
-            return None
-        start, size = spans[proj]
-        return f"qkv.{kind}", slice(start, start + size)
+        return fused_qkv_slot(self.qkv, rest)
 
 
 def head_dim(config) -> int:
@@ -66,7 +64,7 @@ class Glm4MoeForCausalLM(GlmCausalLM):
         factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5))
         rope = RotaryEmbedding(config, int(dim * factor), config.max_position_embeddings)
         super().__init__(config, lambda _layer: Glm4MoeAttention(config, rope))
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = self.layers[0].self_attn.num_kv_heads  # this rank's
         self.head_dim = dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -5,6 +5,9 @@ its own (wq_b on the query LoRA, wk + LayerNorm on the hidden state, a weight pe
 then attends only to its index_topk best keys. "shared" layers (config.indexer_types) reuse the selection
 of the last full layer before them. The cache of a layer is (latent rows, indexer keys or None).
 
+Under tensor parallelism the indexer is replicated (every rank computes the same selection and keeps all
+indexer keys, like the latent: see mla.py); the attention heads are split.
+
 The MTP layer (num_nextn_predict_layers, stored as layer num_hidden_layers) is skipped at load: see moe.py."""
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 Queries come from a low-rank path (q_a_proj -> RMSNorm -> q_b_proj) or one q_proj; keys and values from a
 shared latent c = RMSNorm(kv_a) of kv_lora_rank dims plus one roped key k_pe of qk_rope_head_dim dims
 shared by all heads. The cache stores [c | k_pe] per token; kv_b_proj's key and value halves are absorbed
-into the query and the output (kernels/mla_reference.py)."""
+into the query and the output (kernels/mla_reference.py).
+
+Tensor parallelism splits the attention heads (q_proj / q_b_proj and kv_b_proj by output rows, o_proj by
+input columns). The latent is per token, not per head: every rank computes it (kv_a_proj and q_a_proj are
+replicated) and keeps the whole latent cache, so the KV cache is not divided by the TP size."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
+from backends.parallel import ColumnParallelLinear, RowParallelLinear, current
 from kernels.dsa_topk import selection_to_topk
 from kernels.mla_reference import mla_paged_attention, write_rows
 from kernels.reference import AttentionMetadata
@@ -56,27 +61,30 @@ def softmax_scale(config) -> float:
 class MlaAttention(nn.Module):
     def __init__(self, config, rope: MlaRope):
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        first, self.num_heads = current().split(config.num_attention_heads, "num_attention_heads")
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
         self.rank = config.kv_lora_rank
         self.q_lora_rank = getattr(config, "q_lora_rank", None)
         hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
-        q_out = self.num_heads * (self.nope_dim + self.rope_dim)
+        qk, kv = self.nope_dim + self.rope_dim, self.nope_dim + self.v_dim
+        q_heads = [("", first * qk, self.num_heads * qk)]  # this rank's heads of a per-head projection
         if self.q_lora_rank:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_heads)
         else:
-            self.q_proj = nn.Linear(hidden, q_out, bias=False)
+            self.q_proj = ColumnParallelLinear(hidden, q_heads)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(self.rank, [("", first * kv, self.num_heads * kv)])
+        self.o_proj = RowParallelLinear(first * self.v_dim, self.num_heads * self.v_dim, hidden, bias=bias)
         self.rope = rope
         self.scale = softmax_scale(config)
-        self.mla_attention_fn = None  # None: kernels/mla_reference.py; else the runner installs a registry kernel
+        self.mla_attention_fn = (
+            None  # None: kernels/mla_reference.py; else the runner installs a registry kernel
+        )
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
         q_resid = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None

@@ -1,10 +1,15 @@
 """What the GLM MoE models share: the sigmoid router with grouped top-k, the routed and shared experts, the
-decoder layer (dense MLP for the first layers, MoE after), and the causal-LM skeleton with its checkpoint
-loader. Each model file supplies only its attention and KV-cache layout.
+decoder layer (dense MLP for the first layers, MoE after), and the causal-LM skeleton. Each model file
+supplies only its attention and KV-cache layout.
 
 Module names follow the Hugging Face checkpoints, so most tensors load by name. Fused parameters (gate+up of
 a SwiGLU, q/k/v, per-expert tensors stacked into [experts, ...]) are filled by the module's
-`checkpoint_slot(rest)`, which maps the rest of a checkpoint name to (local parameter, index)."""
+`checkpoint_slot(rest)` (common.load_checkpoint).
+
+Tensor parallelism: each rank holds a contiguous range of the routed experts (whole experts, all of their
+weights) and runs them on every token routed to them; the router is replicated, so every rank picks the same
+experts. The shared experts are split like a dense MLP (columns of gate/up, rows of down). Both give partial
+sums, which one all_reduce per MoE block adds up."""
 
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.models.common import RMSNorm, SwiGLU
+from backends.models.common import RMSNorm, SwiGLU, load_checkpoint
+from backends.parallel import OTHER_RANK, Narrow, ParallelLMHead, Slot, VocabParallelEmbedding, current
+
+__all__ = ["GlmCausalLM", "GluMLP", "Slot", "StepState"]
 
 log = logging.getLogger(__name__)
-
-Slot = tuple[str, object]  # (parameter name, index into it or None)
 
 
 @dataclass(slots=True)
@@ -31,17 +37,7 @@ class StepState:
     selection: list[torch.Tensor] | None = field(default=None)
 
 
-class GluMLP(SwiGLU):
-    """SwiGLU whose checkpoint stores gate_proj, up_proj and down_proj separately."""
-
-    def checkpoint_slot(self, rest: str) -> Slot | None:
-        half = self.gate_up.weight.shape[0] // 2
-        slots = {
-            "gate_proj.weight": ("gate_up.weight", slice(0, half)),
-            "up_proj.weight": ("gate_up.weight", slice(half, 2 * half)),
-            "down_proj.weight": ("down.weight", None),
-        }
-        return slots.get(rest)
+GluMLP = SwiGLU  # the checkpoint stores gate_proj, up_proj and down_proj separately
 
 
 class Fp32Params(nn.Module):
@@ -96,25 +92,28 @@ class TopkRouter(Fp32Params):
 
 
 class RoutedExperts(nn.Module):
-    """All experts' SwiGLU weights stacked: gate_up_proj [E, 2I, H], down_proj [E, H, I]. On CPU the tokens
-    are grouped by expert and each expert that received tokens runs one matmul pair."""
+    """The SwiGLU weights of this rank's experts [first, first + count) stacked: gate_up_proj [count, 2I, H],
+    down_proj [count, H, I]. On CPU the tokens are grouped by expert and each expert that received tokens
+    runs one matmul pair. Under tensor parallelism the output is this rank's partial sum."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
+        self.num_experts = num_experts
+        self.first, count = current().spread(num_experts, "n_routed_experts")
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(count, hidden, intermediate))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         top_k = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // top_k
         token_weights = weights.reshape(-1)[order]
         out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
+        start = sum(counts[: self.first])
+        for expert, count in enumerate(counts[self.first : self.first + self.gate_up_proj.shape[0]]):
             if count == 0:
                 continue
             rows = tokens[start : start + count]
@@ -125,16 +124,22 @@ class RoutedExperts(nn.Module):
         return out
 
     def checkpoint_slot(self, rest: str) -> Slot | None:
-        """The per-expert layout of the hub checkpoints: `<expert>.{gate,up,down}_proj.weight`."""
+        """The per-expert layout of the hub checkpoints, `<expert>.{gate,up,down}_proj.weight`, and the stacked
+        one of transformers' state dict, `gate_up_proj` / `down_proj`."""
+        count = self.gate_up_proj.shape[0]
+        if rest in ("gate_up_proj", "down_proj"):
+            return Slot(rest, None, Narrow(0, self.first, count))
         match = re.fullmatch(r"(\d+)\.(gate|up|down)_proj\.weight", rest)
         if match is None:
             return None
-        expert, kind = int(match.group(1)), match.group(2)
+        expert, kind = int(match.group(1)) - self.first, match.group(2)
+        if not 0 <= expert < count:
+            return OTHER_RANK
         if kind == "down":
-            return "down_proj", expert
+            return Slot("down_proj", expert)
         half = self.intermediate
         rows = slice(0, half) if kind == "gate" else slice(half, 2 * half)
-        return "gate_up_proj", (expert, rows)
+        return Slot("gate_up_proj", (expert, rows))
 
 
 class SparseMoE(nn.Module):
@@ -145,11 +150,13 @@ class SparseMoE(nn.Module):
             config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         )
         shared = config.moe_intermediate_size * config.n_shared_experts
-        self.shared_experts = GluMLP(config.hidden_size, shared) if shared else None
+        self.shared_experts = GluMLP(config.hidden_size, shared, reduce=False) if shared else None
+        self.tp = current()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, *self.gate(x))
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        out = out + self.shared_experts(x) if self.shared_experts is not None else out
+        return self.tp.all_reduce(out)
 
 
 def is_moe_layer(config, layer: int) -> bool:
@@ -185,13 +192,13 @@ class GlmCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.num_layers = config.num_hidden_layers
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, make_attention(i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if self.tie else ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -200,62 +207,11 @@ class GlmCausalLM(nn.Module):
             x = layer(x, positions, kv, meta, step)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie else self.lm_head.weight
-        return hidden @ weight.t()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
+        return (self.embed_tokens if self.tie else self.lm_head).logits(hidden)
 
-    # --- weights ---------------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        skipped_mtp, unknown = 0, []
-        for name, tensor in named_tensors:
-            name = name.removeprefix("model.")
-            match = re.match(r"layers\.(\d+)\.", name)
-            if match and int(match.group(1)) >= self.num_layers:
-                skipped_mtp += 1
-                continue
-            if name == "lm_head.weight" and self.tie:
-                continue
-            if name.endswith(("_scale_inv", "weight_scale", "input_scale")):
-                raise ValueError(
-                    f"{name}: quantized (FP8) checkpoints are not supported by the native engine; "
-                    "use the BF16 checkpoint, or the vllm backend"
-                )
-            slot = (name, None) if name in params else _checkpoint_slot(modules, name)
-            if slot is None:
-                unknown.append(name)
-                continue
-            _copy_into(params, slot, tensor, name)
-            loaded.add(slot[0])
+        skipped_mtp = load_checkpoint(self, named_tensors, self.num_layers, self.tie)
         if skipped_mtp:
             log.info("skipped %d tensors of the MTP layer(s) (no speculative decoding)", skipped_mtp)
-        if unknown:
-            log.warning("ignored %d unknown checkpoint tensors, e.g. %s", len(unknown), unknown[:3])
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-
-
-def _checkpoint_slot(modules: dict[str, nn.Module], name: str) -> Slot | None:
-    """Ask the innermost enclosing module that knows a checkpoint layout where `name` goes."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = modules.get(".".join(parts[:cut]))
-        if module is not None and hasattr(module, "checkpoint_slot"):
-            slot = module.checkpoint_slot(".".join(parts[cut:]))
-            if slot is not None:
-                return f"{'.'.join(parts[:cut])}.{slot[0]}", slot[1]
-    return None
-
-
-def _copy_into(params: dict[str, nn.Parameter], slot: Slot, tensor: torch.Tensor, name: str) -> None:
-    param_name, index = slot
-    target = params[param_name] if index is None else params[param_name][index]
-    if target.shape != tensor.shape:
-        raise ValueError(
-            f"{name}: shape {tuple(tensor.shape)} != {param_name}[{index}] {tuple(target.shape)}"
-        )
-    with torch.no_grad():
-        target.copy_(tensor)

@@ -58,6 +58,8 @@ def plot_workload(
             continue
         kind, xlabel = ("rate", "request rate (req/s)") if by_rate else ("concurrency", "concurrency")
         xs_all = {_x(r, by_rate) for rows in series.values() for r in rows}
+        if len(xs_all) < 2:
+            continue  # one load point: a table says it better than a plot
         log_x = not by_rate and len(xs_all) > 2
         plt, fig, ax = _figure(f"{workload}: output throughput", xlabel, "output tokens/s", log_x, xs_all)
         for label, rows in series.items():

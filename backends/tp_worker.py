@@ -13,6 +13,7 @@ they exit; they are daemon processes besides, which multiprocessing ends with th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import pickle
 import queue
@@ -46,8 +47,11 @@ class TPWorkers:
     translate their failures, stop them."""
 
     def __init__(self, config: EngineConfig, model_dir: Path):
-        self.config = config
         self.size = config.tensor_parallel_size
+        if config.device == "cpu" and not config.num_threads:  # ranks share the host's cores
+            config = dataclasses.replace(config, num_threads=max(1, torch.get_num_threads() // self.size))
+            torch.set_num_threads(config.num_threads)
+        self.config = config
         self.port = parallel.free_port()
         self.timeout_s = parallel.collective_timeout_s()
         ctx = mp.get_context("spawn")
@@ -143,9 +147,7 @@ class TPWorkers:
             try:
                 kind, rank, detail = self.status.get(timeout=0.05)
             except queue.Empty:
-                if self._dead() and not errors:
-                    break  # killed: no report will come
-                if errors:
+                if errors or self._dead():  # a killed worker reports nothing
                     break
                 continue
             if kind == "error":

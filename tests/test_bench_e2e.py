@@ -20,7 +20,7 @@ api: completions
 ignore_eos: true
 goodput: {ttft: 120000, tpot: 60000}
 workloads:
-  - {name: completions, dataset: random, input_len: 24, output_len: 6, concurrency: [2], num_prompts: 4, num_warmups: 0}
+  - {name: completions, dataset: random, input_len: 24, output_len: 6, concurrency: [1, 2], num_prompts: 2, num_warmups: 0}
   - {name: chat, dataset: shared_prefix, api: chat, prefix_len: 40, suffix_len: 8, output_len: 5,
      request_rate: [20], num_prompts: 2, num_warmups: 0}
 """
@@ -46,9 +46,10 @@ def test_suite_against_a_real_server(tmp_path, monkeypatch, capsys):
 
     run_dir = next((tmp_path / "results" / "e2e").iterdir())
     results = json.loads((run_dir / "results.json").read_text())["results"]
-    by_name = {r["workload"]["name"]: r for r in results}
-    done = by_name["completions"]
-    assert (done["completed"], done["failed"], done["num_prompts"], done["max_concurrency"]) == (4, 0, 4, 2)
+    by_name = {(r["workload"]["name"], r["load_point"]): r for r in results}
+    assert [by_name["completions", p]["completed"] for p in ("c1", "c2")] == [2, 2]  # 4 short requests
+    done = by_name["completions", "c2"]
+    assert (done["completed"], done["failed"], done["num_prompts"], done["max_concurrency"]) == (2, 0, 2, 2)
     assert (
         done["endpoint_type"] == "openai"
         and done["label"] == "glm-serve"
@@ -60,13 +61,13 @@ def test_suite_against_a_real_server(tmp_path, monkeypatch, capsys):
         and done["machine"]["cpu"]
         and done["machine"]["cpu_count"]
     )
-    assert done["total_output_tokens"] == 4 * 6  # ignore_eos: exactly max_tokens each
-    assert done["total_input_tokens"] >= 4 * 18  # the server's own count of the prompt tokens
+    assert done["total_output_tokens"] == 2 * 6  # ignore_eos: exactly max_tokens each
+    assert done["total_input_tokens"] >= 2 * 18  # the server's own count of the prompt tokens
     assert 0 < done["median_ttft_ms"] <= done["median_e2el_ms"] and done["median_tpot_ms"] > 0
     assert done["request_goodput"] == pytest.approx(done["request_throughput"])  # generous SLOs: all good
     assert done["max_concurrent_requests"] >= 1 and done["output_throughput"] > 0
 
-    chat = by_name["chat"]
+    chat = by_name["chat", "r20"]
     assert (chat["completed"], chat["failed"], chat["endpoint_type"], chat["request_rate"]) == (
         2,
         0,
@@ -76,14 +77,15 @@ def test_suite_against_a_real_server(tmp_path, monkeypatch, capsys):
     assert chat["total_input_tokens"] > 2 * 48  # the system prompt and the template are counted
 
     per_run = sorted(p.name for p in run_dir.glob("glm-serve__*.json"))
-    assert per_run == ["glm-serve__chat__r20.json", "glm-serve__completions__c2.json"]
+    assert per_run == [
+        "glm-serve__chat__r20.json",
+        "glm-serve__completions__c1.json",
+        "glm-serve__completions__c2.json",
+    ]
     if importlib.util.find_spec("matplotlib") is not None:  # plots are skipped, with a note, without it
         pngs = {p.name for p in run_dir.glob("*.png")}
-        assert pngs >= {
-            "completions_concurrency_throughput.png",
-            "completions_concurrency_tpot.png",
-            "chat_rate_ttft.png",
-        }
+        expected = {f"completions_concurrency_{kind}.png" for kind in ("throughput", "ttft", "tpot")}
+        assert pngs == expected  # the chat workload has one load point: a table, no plot
     summary = (run_dir / "summary.md").read_text()
-    assert "| completions | c2 | glm-serve | 4/0 |" in summary and "vLLM baseline skipped" in summary
+    assert "| completions | c2 | glm-serve | 2/0 |" in summary and "vLLM baseline skipped" in summary
     assert (run_dir / "server-glm-serve.log").exists()

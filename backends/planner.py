@@ -312,7 +312,7 @@ def nodes_overrides(profile: str, overrides: dict[str, Any], nodes: int) -> dict
     (say, after --set data_parallel_size=1) or sets its stages itself keeps them."""
     if "engine.pipeline_parallel_size" in overrides:
         return {"engine.nodes": nodes}
-    base = load_config(profile, overrides).engine
+    base = load_config(profile, overrides, check=False).engine  # validated once the nodes are set
     stages = base.pipeline_parallel_size * nodes
     if nodes >= 1 and stages % base.nodes == 0:
         return {"engine.nodes": nodes, "engine.pipeline_parallel_size": stages // base.nodes}

@@ -139,7 +139,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, check: bool = True
+) -> Config:
     """Load a profile (a path, or a name under configs/), then env, then explicit overrides.
 
     overrides use dotted keys: {"engine.model": "...", "server.port": 8001}."""
@@ -174,7 +176,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         models=list(data.get("models") or []),
         extra={k: data[k] for k in _EXTRA_SECTIONS if k in data},
     )
-    validate(cfg)
+    if check:  # check=False: the raw layout, for tools that change it before it is served (planner)
+        validate(cfg)
     return cfg
 
 
@@ -232,6 +235,11 @@ def validate(cfg: Config) -> None:
     if not 0.0 < e.memory_fraction <= 1.0:
         raise ConfigError("engine.memory_fraction must be in (0, 1]")
     _validate_hardware(e)
+    if e.backend == "native" and (e.pipeline_parallel_size > 1 or e.nodes > 1 or e.data_parallel_size > 1):
+        raise ConfigError(
+            "engine.pipeline_parallel_size, engine.nodes and engine.data_parallel_size must be 1 with backend "
+            "native: the native engine runs tensor parallelism on one host; use backend vllm across nodes"
+        )
     _validate_sections(cfg)
 
 

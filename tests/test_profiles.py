@@ -120,6 +120,11 @@ IMPOSSIBLE = [
     ("nvidia-h200", {"engine.device": "tpu"}, "engine.device"),
     ("ascend-910b", {"engine.backend": "native"}, "engine.weight_dtype"),  # W8A8 is vllm-ascend only
     ("nvidia-h100", {"engine.nodes": 0}, "engine.nodes"),
+    (
+        "cpu",
+        {"engine.pipeline_parallel_size": 2},
+        "engine.pipeline_parallel_size",
+    ),  # native: one host, TP only
     ("nvidia-h100", {"engine.weight_dtype": "int3"}, "engine.weight_dtype"),
 ]
 

@@ -14,7 +14,6 @@ import time
 def main() -> None:
     job = json.loads(sys.stdin.read())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
     import vllm
     from vllm import LLM, SamplingParams
 

@@ -127,7 +127,10 @@ def run_vllm(model_dir: Path, work: Workload, args) -> dict | None:
     )
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for line in proc.stdout.splitlines():
+        if line.startswith("glm-serve-result "):
+            return json.loads(line.split(" ", 1)[1])
+    return {"error": "no result line in vLLM's output: " + proc.stdout[-1000:]}
 
 
 def gemm_gflops(threads: int, n: int = 1024, repeat: int = 10) -> float:

@@ -1,7 +1,7 @@
 """vLLM offline throughput on the workload offline_throughput.py sends on stdin (run in .venv-vllm).
 
 Input (JSON on stdin): {"model": DIR, "prompts": [[ids]], "output_lens": [n], "threads": k}.
-Output: one JSON line {"elapsed_s", "output_tokens", "output_tok_s", "vllm_version"}."""
+Output: a line "glm-serve-result {JSON}" with elapsed_s, output_tokens, output_tok_s and vllm_version."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import os
 import sys
 import time
+
+RESULT_PREFIX = "glm-serve-result "  # vLLM logs to stdout too: the result line is found by this prefix
 
 
 def main() -> None:
@@ -25,7 +27,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(
-        json.dumps(
+        RESULT_PREFIX
+        + json.dumps(
             {
                 "elapsed_s": elapsed,
                 "output_tokens": produced,

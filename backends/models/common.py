@@ -170,3 +170,23 @@ def copy_slot(params: dict[str, nn.Parameter], slot: Slot, tensor: Any, name: st
         )
     with torch.no_grad():
         target.copy_(part)
+
+
+class GqaKvCache:
+    """The paged KV cache of a GQA model: per layer a (K, V) pair of [num_blocks, block_size, kv_heads,
+    head_dim] tensors for this rank's KV heads. The model sets num_kv_heads, head_dim and layers."""
+
+    layers: nn.ModuleList
+    num_kv_heads: int
+    head_dim: int
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in self.layers
+        ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.models.common import RMSNorm, RotaryEmbedding, fused_qkv_slot, rope_parameters
+from backends.models.common import GqaKvCache, RMSNorm, RotaryEmbedding, fused_qkv_slot, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
 from backends.parallel import ColumnParallelLinear, RowParallelLinear, Slot, attention_heads, current
 from kernels.reference import AttentionMetadata, paged_attention, write_kv
@@ -57,7 +57,7 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-class Glm4MoeForCausalLM(GlmCausalLM):
+class Glm4MoeForCausalLM(GqaKvCache, GlmCausalLM):
     def __init__(self, config):
         dim = head_dim(config)
         params = rope_parameters(config)
@@ -66,14 +66,3 @@ class Glm4MoeForCausalLM(GlmCausalLM):
         super().__init__(config, lambda _layer: Glm4MoeAttention(config, rope))
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads  # this rank's
         self.head_dim = dim
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * elem
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in self.layers
-        ]

@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.models.common import RMSNorm, RotaryEmbedding, SwiGLU, fused_qkv_slot, load_checkpoint
+from backends.models.common import (
+    GqaKvCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    fused_qkv_slot,
+    load_checkpoint,
+)
 from backends.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -68,7 +75,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(GqaKvCache, nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -91,18 +98,6 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
         return (self.embed_tokens if self.tie else self.lm_head).logits(hidden)
-
-    # --- KV cache layout (this rank's KV heads) ----------------------------------------------------
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * elem
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in self.layers
-        ]
 
     def load_weights(self, named_tensors) -> None:
         load_checkpoint(self, named_tensors, len(self.layers), self.tie)

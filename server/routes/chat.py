@@ -37,7 +37,7 @@ from server.routes.chat_output import (
     make_output_processor,
 )
 from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
-from server.routes.generation import Generation, respond
+from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 
@@ -146,11 +146,7 @@ async def _complete(context: ChatContext, generation: Generation) -> Response:
         id=context.request_id, created=context.created, model=context.model, choices=choices,
         usage=generation.usage(),
     )  # fmt: skip
-    return Response(
-        response.model_dump_json(),
-        media_type="application/json",
-        headers={"X-Request-Id": context.request_id},
-    )
+    return completion_response(response, context.request_id)
 
 
 async def _stream_chunks(context: ChatContext, generation: Generation) -> AsyncIterator[bytes]:

@@ -16,7 +16,7 @@ from server.engine_api import Engine, GenerateRequest, TokenLogprob
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
-from server.routes.generation import Generation, respond
+from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 
@@ -182,11 +182,7 @@ async def _complete(context: CompletionContext, generation: Generation) -> Respo
         id=context.request_id, created=context.created, model=context.model, choices=choices,
         usage=generation.usage(),
     )  # fmt: skip
-    return Response(
-        response.model_dump_json(),
-        media_type="application/json",
-        headers={"X-Request-Id": context.request_id},
-    )
+    return completion_response(response, context.request_id)
 
 
 async def _stream_chunks(context: CompletionContext, generation: Generation) -> AsyncIterator[bytes]:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
+from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -288,3 +289,10 @@ class GenerationStream(StreamingResponse):
                     except RuntimeError:  # still running: it was cancelled inside and is finishing
                         pass
             await self._generation.close()
+
+
+def completion_response(body: BaseModel, request_id: str) -> Response:
+    """A whole (non-streamed) completion as JSON, with the request id the access log and ledger use."""
+    return Response(
+        body.model_dump_json(), media_type="application/json", headers={"X-Request-Id": request_id}
+    )

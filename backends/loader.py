@@ -82,10 +82,6 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     tmp.rename(target)
 
 
-def load_config_json(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
-
-
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint (all shards), loaded on CPU one at a time."""
     from safetensors import safe_open

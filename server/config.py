@@ -3,7 +3,6 @@ CLI flags. Unknown keys are errors that name the key."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field, fields
@@ -329,7 +328,3 @@ def _validate_hardware(e: EngineConfig) -> None:
             f"engine.backend vllm: {acc.name} has no vLLM build (vllm-mlu supports only devices newer than MLU370); "
             "use backend native"
         )
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

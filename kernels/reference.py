@@ -34,11 +34,22 @@ class AttnGroup:
 
 
 @dataclass(slots=True)
+class StepRows:
+    """The step per request, for kernels that walk block tables themselves (kernels/cpu_paged.py)."""
+
+    decode_tokens: torch.Tensor  # [S] rows of the flattened tokens that are decode tokens (q_len 1)
+    decode_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0
+    decode_lens: torch.Tensor  # [S] int32: context length including the new token
+    prefill: list[tuple[int, int, int, list[int]]]  # (first row, start position, q_len, block table)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] block_id * block_size + offset for each new token
     groups: list[AttnGroup]
     num_tokens: int
     block_size: int
+    rows: StepRows
 
 
 def build_metadata(
@@ -69,6 +80,19 @@ def build_metadata(
         groups=groups,
         num_tokens=offsets[-1],
         block_size=block_size,
+        rows=_rows(decode, prefill, starts, query_lens, block_tables, offsets, block_size, device),
+    )
+
+
+def _rows(decode, prefill, starts, query_lens, block_tables, offsets, block_size, device) -> StepRows:
+    needed = [(starts[i] + block_size) // block_size for i in decode]  # blocks holding start + 1 tokens
+    width = max(needed, default=0)
+    tables = [block_tables[i][:n] + [0] * (width - n) for i, n in zip(decode, needed, strict=True)]
+    return StepRows(
+        decode_tokens=torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=device),
+        decode_tables=torch.tensor(tables, dtype=torch.int32, device=device).view(len(decode), width),
+        decode_lens=torch.tensor([starts[i] + 1 for i in decode], dtype=torch.int32, device=device),
+        prefill=[(offsets[i], starts[i], query_lens[i], block_tables[i]) for i in prefill],
     )
 
 

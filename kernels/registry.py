@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class KernelSpec:
     mla_attention: str | None  # "module:function", None when the entry has no MLA path yet
     devices: tuple[str, ...]  # torch device types it runs on
     requires: tuple[str, ...] = ()  # importable modules it needs (checked without importing them)
+    tools: tuple[str, ...] = ()  # programs it needs on PATH (the C++ compiler of a JIT-built kernel)
+    setup: str | None = None  # "module:function" run once when the kernel is chosen (builds, loads)
     kv_layout: str = KV_BLOCK_MAJOR
     mla_cache: str = MLA_JOINT
     block_sizes: tuple[int, ...] | None = None  # allowed engine.block_size values; None: any
@@ -50,6 +53,16 @@ ATTENTION_KERNELS: dict[str, KernelSpec] = {
         "kernels.dsa_topk:reference_mla_attention",
         devices=("cpu", "cuda", "npu", "mlu"),
         description="plain torch (gather + SDPA); the correctness oracle and the CPU kernel",
+    ),
+    "cpu": KernelSpec(
+        "kernels.cpu_paged:paged_attention",
+        "kernels.dsa_topk:reference_mla_attention",
+        devices=("cpu",),
+        requires=("ninja",),
+        tools=("c++",),
+        setup="kernels.cpu_paged:load",
+        description="C++ decode kernel reading KV blocks in place (built once per machine), per-request SDPA "
+        "for prefill chunks; MLA as the reference",
     ),
     "triton": KernelSpec(
         "kernels.triton_paged:paged_attention",
@@ -111,6 +124,9 @@ def unavailable_reason(name: str, device: str, block_size: int | None = None) ->
     missing = [m for m in spec.requires if not _module_present(m)]
     if missing:
         return f"it needs the Python module(s) {', '.join(missing)}, not installed here"
+    missing = [t for t in spec.tools if shutil.which(t) is None]
+    if missing:
+        return f"it needs {', '.join(missing)} on PATH"
     if block_size is not None and spec.block_sizes is not None and block_size not in spec.block_sizes:
         allowed = ", ".join(map(str, spec.block_sizes))
         return f"it needs engine.block_size in ({allowed}), not {block_size}"
@@ -137,7 +153,7 @@ def check_attention_kernel(name: str, device: str, block_size: int | None = None
         )
 
 
-PREFERENCE = ("triton", "ascend", "cambricon", "reference")  # the native engine's choice for "auto"
+PREFERENCE = ("triton", "ascend", "cambricon", "cpu", "reference")  # the native engine's choice for "auto"
 
 
 def preferred_kernel(device: str, block_size: int | None = None) -> str:
@@ -154,5 +170,12 @@ def get_attention_kernel(name: str, device: str, block_size: int | None = None) 
     """The kernel's functions, imported now (the vendor library itself is imported on first call)."""
     check_attention_kernel(name, device, block_size)
     spec = ATTENTION_KERNELS[name]
+    if spec.setup is not None:
+        try:
+            _load(spec.setup)()
+        except Exception as exc:
+            raise AttentionKernelError(
+                f"engine.attention_kernel {name!r} could not be set up: {exc}"
+            ) from exc
     mla = _load(spec.mla_attention) if spec.mla_attention else None
     return AttentionKernel(name, spec, _load(spec.paged_attention), mla)

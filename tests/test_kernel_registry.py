@@ -45,7 +45,7 @@ def test_unknown_name_lists_the_available_ones():
     message = str(err.value)
     assert "unknown engine.attention_kernel 'flashinfer'" in message
     assert "available on cpu: reference" in message
-    assert "known: reference, triton, ascend, cambricon" in message
+    assert "known: reference, cpu, triton, ascend, cambricon" in message
 
 
 def test_wrong_device_is_a_clear_error():
@@ -113,7 +113,11 @@ def test_availability_check_imports_nothing(monkeypatch, tmp_path):
 
 def test_preferred_kernel_for_auto(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert preferred_kernel("cpu") == "reference"
+    assert preferred_kernel("cpu") == "cpu"  # a compiler and ninja are here
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert preferred_kernel("cpu") == "reference"  # no compiler: the plain-torch kernel
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     install_fake(monkeypatch, "torch_npu")
     assert preferred_kernel("npu", block_size=128) == "ascend"
     assert preferred_kernel("npu", block_size=16) == "reference"  # FIA's paged prefill needs 128

@@ -63,7 +63,7 @@ def test_cpu_profile_keeps_its_values():
         64,
         2048,
         8192,
-        "reference",
+        "cpu",
     )
 
 

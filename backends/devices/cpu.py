@@ -12,7 +12,7 @@ class CpuDevice(DeviceAdapter):
     dist_backend = "gloo"
     device_control_env_var = None
     supported_dtypes = ("float32", "bfloat16", "float16")
-    attention_kernels = ("reference",)
+    attention_kernels = ("cpu", "reference")
 
     def is_available(self) -> bool:
         return True

@@ -17,6 +17,7 @@ from torch import nn
 
 from backends.models.mla import MlaAttention, MlaCausalLM, MlaRope
 from backends.models.moe import Fp32Linear, StepState
+from backends.parallel import Linear
 from kernels.mla_reference import dsa_select, write_rows
 from kernels.reference import AttentionMetadata
 
@@ -28,8 +29,8 @@ class DsaIndexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.index_topk = config.index_topk
-        self.wq_b = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.wk = Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = Fp32Linear(config.hidden_size, self.num_heads)
         self.rope = rope

@@ -19,7 +19,7 @@ from torch import nn
 
 from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
-from backends.parallel import ColumnParallelLinear, RowParallelLinear, current
+from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear, current
 from kernels.dsa_topk import selection_to_topk
 from kernels.mla_reference import mla_paged_attention, write_rows
 from kernels.reference import AttentionMetadata
@@ -71,12 +71,12 @@ class MlaAttention(nn.Module):
         qk, kv = self.nope_dim + self.rope_dim, self.nope_dim + self.v_dim
         q_heads = [("", first * qk, self.num_heads * qk)]  # this rank's heads of a per-head projection
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, q_heads)
         else:
             self.q_proj = ColumnParallelLinear(hidden, q_heads)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope_dim, bias=bias)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
         self.kv_b_proj = ColumnParallelLinear(self.rank, [("", first * kv, self.num_heads * kv)])
         self.o_proj = RowParallelLinear(first * self.v_dim, self.num_heads * self.v_dim, hidden, bias=bias)

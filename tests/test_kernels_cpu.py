@@ -1,0 +1,120 @@
+"""kernels/cpu_paged.py (C++ decode kernel, per-request SDPA prefill) against kernels/reference.py, and the
+engine with it installed against transformers. The kernel is compiled on first use (about 20 s here)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels import cpu_paged
+from kernels.reference import build_metadata, paged_attention, write_kv
+from kernels.registry import AttentionKernelError, get_attention_kernel
+from tests.engine_helpers import check_parity, make_tiny_llama, one_torch_thread, random_prompts
+
+missing = cpu_paged.missing_build_tools()
+pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")
+
+TOL = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+}
+
+
+def random_batch(rng: random.Random, block_size: int, n_req: int, num_blocks: int):
+    """Ragged decode tokens and prefill chunks; prefixes often end mid-block, blocks lie anywhere."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    starts, q_lens, tables = [], [], []
+    for _ in range(n_req):
+        start = rng.choice([0, rng.randint(1, 150)])
+        q_len = rng.choice([1, 1, 1, rng.randint(2, 40)])
+        tables.append([free.pop() for _ in range((start + q_len + block_size - 1) // block_size)])
+        starts.append(start)
+        q_lens.append(q_len)
+    return starts, q_lens, tables
+
+
+CASES = [
+    # seed, block_size, heads, kv_heads, head_dim, v_dim, dtype
+    (0, 16, 9, 3, 64, 64, torch.float32),  # SmolLM2's shape (the head-dim-64 fast path)
+    (1, 32, 8, 8, 128, 128, torch.float32),  # MHA, head dim 128 fast path
+    (2, 16, 12, 1, 48, 48, torch.float32),  # MQA, head dim of no fast path
+    (3, 8, 4, 2, 40, 24, torch.float32),  # value dim differs from key dim, small blocks
+    (4, 16, 9, 3, 64, 64, torch.bfloat16),
+    (5, 16, 4, 2, 64, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("seed,block_size,heads,kv_heads,head_dim,v_dim,dtype", CASES)
+def test_matches_reference(seed, block_size, heads, kv_heads, head_dim, v_dim, dtype):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks = 200
+    starts, q_lens, tables = random_batch(rng, block_size, 12, num_blocks)
+    meta = build_metadata(starts, q_lens, tables, block_size)
+    assert meta.rows.decode_tokens.numel() and meta.rows.prefill  # both paths are exercised
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, v_dim).to(dtype)
+    t = meta.num_tokens
+    write_kv(k_cache, v_cache, torch.randn(t, kv_heads, head_dim), torch.randn(t, kv_heads, v_dim), meta)
+    q = torch.randn(t, heads, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, scale)
+    assert out.dtype == dtype and out.shape == (t, heads, v_dim)
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+def test_decode_with_one_token_of_context_and_threads():
+    """A first decode token (context 1) and a batch split over several threads give the reference."""
+    rng = random.Random(7)
+    starts = [0] + [rng.randint(1, 300) for _ in range(40)]
+    tables = []
+    free = list(range(1000))
+    rng.shuffle(free)
+    for s in starts:
+        tables.append([free.pop() for _ in range(s // 16 + 1)])
+    meta = build_metadata(starts, [1] * len(starts), tables, 16)
+    k_cache, v_cache = torch.randn(1000, 16, 2, 64), torch.randn(1000, 16, 2, 64)
+    q = torch.randn(len(starts), 8, 64)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(out, paged_attention(q, k_cache, v_cache, meta, 0.125), **TOL[torch.float32])
+
+
+def test_bad_inputs_are_errors_not_crashes():
+    k = torch.randn(4, 16, 2, 64)
+    tables = torch.zeros(1, 1, dtype=torch.int32)
+    lens = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="int32"):
+        cpu_paged.paged_decode(torch.randn(1, 4, 64), k, k, tables.long(), lens, 1.0)
+    with pytest.raises(RuntimeError, match="head shapes"):
+        cpu_paged.paged_decode(torch.randn(1, 3, 64), k, k, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_paged.paged_decode(torch.randn(1, 4, 64).double(), k, k, tables, lens, 1.0)
+
+
+def test_registry_builds_it_once_and_reports_build_failures(monkeypatch):
+    kernel = get_attention_kernel("cpu", "cpu")
+    assert kernel.paged_attention is cpu_paged.paged_attention
+    monkeypatch.setattr(cpu_paged, "_loaded", False)
+    monkeypatch.setattr(cpu_paged, "missing_build_tools", lambda: "a C++ compiler (c++ on PATH, or $CXX)")
+    with pytest.raises(AttentionKernelError, match="could not be set up: .*C\\+\\+ compiler"):
+        get_attention_kernel("cpu", "cpu")
+
+
+def test_llama_engine_with_cpu_kernel_matches_transformers(tmp_path):
+    model_dir = make_tiny_llama(tmp_path)
+    prompts = random_prompts(8, 49152, seed=11)
+    with one_torch_thread():
+        _, engine = check_parity(
+            model_dir, prompts, max_new=6, attention_kernel="cpu", num_kv_blocks=64, max_num_batched_tokens=64
+        )
+    assert engine.runner.attention_kernel == "cpu"

@@ -17,11 +17,13 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kernels import reference
 from kernels.reference import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ def load() -> None:
 
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(path)
+        if not (path / "glm_serve_cpu_paged.so").exists():
+            log.info("compiling the cpu attention kernel into %s (once per machine, about 20 s)", path)
         try:
             load_extension(
                 name="glm_serve_cpu_paged",
@@ -94,6 +99,18 @@ def load() -> None:
             raise KernelBuildError(f"could not build the cpu attention kernel in {path}: {exc}") from exc
         _loaded = True
         log.info("cpu attention kernel loaded from %s", path)
+
+
+def _remove_stale_lock(path: Path, max_age_s: float = 600.0) -> None:
+    """torch's builder holds a lock file while it compiles; one left by a killed build would block every later
+    load forever. A build takes well under a minute, so a lock older than max_age_s is stale."""
+    lock = path / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            log.warning("removing a stale build lock %s", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def paged_decode(
@@ -118,18 +135,19 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """kernels/reference.py's paged_attention, computed without gathering decode tokens' context."""
+    if k_cache.dtype != q.dtype:  # a KV-cache dtype other than the compute dtype: the C++ kernel has one
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     rows = meta.rows
     if rows.decode_tokens.numel():
-        k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
         out[rows.decode_tokens] = paged_decode(
             q[rows.decode_tokens], k_cache, v_cache, rows.decode_tables, rows.decode_lens, scale
         )
     for first, start, q_len, table in rows.prefill:
         seq_len = start + q_len
         qs = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
-        ks = _context(k_cache, table, seq_len, meta.block_size).to(q.dtype)
-        vs = _context(v_cache, table, seq_len, meta.block_size).to(q.dtype)
+        ks = _context(k_cache, table, seq_len, meta.block_size)
+        vs = _context(v_cache, table, seq_len, meta.block_size)
         mask = None
         if start:  # the chunk's query i sits at position start + i: bottom-right aligned causal mask
             mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(diagonal=start)

@@ -177,7 +177,9 @@ def _gqa_decode_kernel(
         o_ptrs = out_ptr + tok * stride_ot + heads[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_DV]
+        row = (
+            seq.to(tl.int64) * num_heads + heads
+        ) * NUM_SPLITS + split  # mid_o [rows, heads, splits, BLOCK_DV]
         tl.store(mid_o_ptr + row[:, None] * BLOCK_DV + dv[None, :], acc / l_safe[:, None], mask=o_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=g < GROUP)

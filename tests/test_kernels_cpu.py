@@ -118,3 +118,30 @@ def test_llama_engine_with_cpu_kernel_matches_transformers(tmp_path):
             model_dir, prompts, max_new=6, attention_kernel="cpu", num_kv_blocks=64, max_num_batched_tokens=64
         )
     assert engine.runner.attention_kernel == "cpu"
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed midway leaves torch's lock file behind; later loads must not wait on it forever."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu_paged._remove_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    cpu_paged._remove_stale_lock(tmp_path)
+    assert not lock.exists()
+    cpu_paged._remove_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_a_kv_cache_dtype_other_than_the_compute_dtype_falls_back_to_the_reference():
+    rng = random.Random(3)
+    starts, q_lens, tables = random_batch(rng, 16, 6, 64)
+    meta = build_metadata(starts, q_lens, tables, 16)
+    k_cache = torch.randn(64, 16, 2, 32).to(torch.bfloat16)
+    v_cache = torch.randn(64, 16, 2, 32).to(torch.bfloat16)
+    q = torch.randn(meta.num_tokens, 4, 32)
+    out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.2)
+    torch.testing.assert_close(out, paged_attention(q, k_cache, v_cache, meta, 0.2))

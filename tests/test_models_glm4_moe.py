@@ -5,6 +5,7 @@ import torch
 
 from backends.models.glm4_moe import Glm4MoeForCausalLM
 from backends.models.tiny import build_glm_tokenizer, write_random_model
+from kernels.cpu_paged import missing_build_tools
 from tests.engine_helpers import check_parity, one_torch_thread, random_prompts
 
 
@@ -47,12 +48,27 @@ def tiny_config(vocab_size: int, **overrides):
     return Glm4MoeConfig(**params)
 
 
-def test_glm4_moe_parity_with_chunked_prefill(tmp_path, tokenizer):
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "reference",
+        pytest.param(
+            "cpu", marks=pytest.mark.skipif(missing_build_tools() is not None, reason="no C++ build tools")
+        ),
+    ],
+)
+def test_glm4_moe_parity_with_chunked_prefill(tmp_path, tokenizer, kernel):
     model_dir = write_random_model(tiny_config(768), tmp_path / "glm4-moe", tokenizer)
-    worst, _ = check_parity(
-        model_dir, random_prompts(8, 700), max_num_batched_tokens=40, num_kv_blocks=128, block_size=16
+    worst, engine = check_parity(
+        model_dir,
+        random_prompts(8, 700),
+        max_num_batched_tokens=40,
+        num_kv_blocks=128,
+        block_size=16,
+        attention_kernel=kernel,
     )
-    print(f"glm4_moe: max relative logit difference {worst:.1e}")
+    assert engine.runner.attention_kernel == kernel
+    print(f"glm4_moe ({kernel} kernel): max relative logit difference {worst:.1e}")
 
 
 def test_fused_and_per_expert_layouts_load_the_same(tmp_path, tokenizer):

@@ -36,8 +36,12 @@ LINEARS = {"qkv": (576, 960), "o_proj": (576, 576), "gate_up": (576, 3072), "dow
 LM_HEAD = (576, 49152)
 
 
-def bench(fn, min_time: float = 0.5) -> float:
+MIN_TIME = {"s": 0.5}  # seconds of repeats per measurement (--min-time)
+
+
+def bench(fn, min_time: float | None = None) -> float:
     """Median seconds per call over repeats filling about min_time."""
+    min_time = MIN_TIME["s"] if min_time is None else min(min_time, MIN_TIME["s"])
     fn()
     t0 = time.perf_counter()
     fn()
@@ -142,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context", type=int, nargs=2, default=(200, 700))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--rows", type=int, nargs="+", default=[4, 64, 512])
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    MIN_TIME["s"] = args.min_time
     torch.set_num_threads(args.threads)
     cpu_paged.load()
     result = {

@@ -145,3 +145,19 @@ def test_a_kv_cache_dtype_other_than_the_compute_dtype_falls_back_to_the_referen
     q = torch.randn(meta.num_tokens, 4, 32)
     out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.2)
     torch.testing.assert_close(out, paged_attention(q, k_cache, v_cache, meta, 0.2))
+
+
+def test_cpu_kernels_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_kernels.py end to end on tiny shapes: it checks both kernels against what they replace
+    and writes its JSON (the timings of so short a run mean nothing)."""
+    import json
+
+    from benchmarks import cpu_kernels
+
+    result = cpu_kernels.main(
+        ["--batch", "3", "--context", "5", "40", "--rows", "2", "--min-time", "0.001", "--out", str(tmp_path)]
+    )
+    assert result["decode_attention"]["batch"] == 3
+    assert len(result["linears"]) == 5 and all(r["onednn_ms"] > 0 for r in result["linears"])
+    written = json.loads(next(tmp_path.glob("cpu_kernels_*.json")).read_text())
+    assert written["decode_attention"]["kv_bytes"] == result["decode_attention"]["kv_bytes"]

@@ -45,6 +45,7 @@ CASES = [
     (3, 8, 4, 2, 40, 24, torch.float32),  # value dim differs from key dim, small blocks
     (4, 16, 9, 3, 64, 64, torch.bfloat16),
     (5, 16, 4, 2, 64, 64, torch.float16),
+    (6, 16, 32, 1, 64, 64, torch.float32),  # MQA with 32 query heads on one KV head
 ]
 
 

@@ -5,9 +5,10 @@
 // block_tables[s][t / block_size] at offset t % block_size. GQA: the `heads / kv_heads` query heads of one
 // KV head are processed together, so each K and V row is read from memory once for all of them.
 //
-// Work items are (sequence, KV head) pairs spread over ATen's intra-op threads. Per item, two passes over
-// the context: scores q.k for every token (K read once), a numerically stable softmax in fp32, then the
-// weighted sum of V rows (V read once). Inputs may be fp32, bf16 or fp16; arithmetic is fp32 in ATen's
+// Work items are sequences spread over ATen's intra-op threads; a sequence's blocks are read whole, in
+// order, for all heads, with the next block prefetched (blocks lie anywhere in the cache). Per sequence, two
+// passes over the context: scores q.k for every token and head (K read once), a numerically stable softmax
+// in fp32, then the weighted sum of V rows (V read once). Inputs may be fp32, bf16 or fp16; arithmetic is fp32 in ATen's
 // Vectorized<float> (AVX-512 / AVX2 as the build flags in kernels/cpu_paged.py select).
 
 #include <ATen/ATen.h>
@@ -24,7 +25,6 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kMaxRep = 16;  // query heads per KV head handled in registers-friendly arrays
 
 // Ask for the next block's bytes while the current block is computed on: blocks lie anywhere in the
 // cache, which the hardware prefetchers cannot guess.
@@ -130,20 +130,25 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t i = 0; i < heads * dim; ++i)
         qf[i] = static_cast<float>(qp[s * heads * dim + i]) * static_cast<float>(scale);
       scores.resize(heads * len);  // [head][token]
-      // Pass 1: scores, block by block (a non-fp32 block is converted once into block_buf).
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* kb = kp + static_cast<int64_t>(table[t0 / block_size]) * k_block_stride;
-        const int64_t n = std::min(block_size, len - t0);
+      // The fp32 rows of the block holding token t0 of `cache` (a non-fp32 block is converted once into
+      // block_buf), with the sequence's next block asked for meanwhile.
+      auto block_rows = [&](const T* cache, int64_t block_stride, int64_t token_stride, int64_t t0) -> const float* {
+        const int64_t b = t0 / block_size;
         if (t0 + block_size < len)
-          prefetch(kp + static_cast<int64_t>(table[t0 / block_size + 1]) * k_block_stride,
-                   std::min(block_size, len - t0 - block_size) * k_token_stride * sizeof(T));
-        const float* rows;
+          prefetch(cache + static_cast<int64_t>(table[b + 1]) * block_stride,
+                   std::min(block_size, len - t0 - block_size) * token_stride * sizeof(T));
+        const T* rows = cache + static_cast<int64_t>(table[b]) * block_stride;
         if constexpr (kFloat) {
-          rows = kb;
+          return rows;
         } else {
-          as_float(kb, block_buf.data(), n * k_token_stride);
-          rows = block_buf.data();
+          as_float(rows, block_buf.data(), std::min(block_size, len - t0) * token_stride);
+          return block_buf.data();
         }
+      };
+      // Pass 1: scores, block by block.
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const float* rows = block_rows(kp, k_block_stride, k_token_stride, t0);
+        const int64_t n = std::min(block_size, len - t0);
         for (int64_t j = 0; j < n; ++j)
           for (int64_t h = 0; h < heads; ++h)
             scores[h * len + t0 + j] = R::dot(qf.data() + h * dim, rows + j * k_token_stride + (h / rep) * dim, dim);
@@ -158,18 +163,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       // Pass 2: weighted sum of V rows, block by block.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const T* vb = vp + static_cast<int64_t>(table[t0 / block_size]) * v_block_stride;
+        const float* rows = block_rows(vp, v_block_stride, v_token_stride, t0);
         const int64_t n = std::min(block_size, len - t0);
-        if (t0 + block_size < len)
-          prefetch(vp + static_cast<int64_t>(table[t0 / block_size + 1]) * v_block_stride,
-                   std::min(block_size, len - t0 - block_size) * v_token_stride * sizeof(T));
-        const float* rows;
-        if constexpr (kFloat) {
-          rows = vb;
-        } else {
-          as_float(vb, block_buf.data(), n * v_token_stride);
-          rows = block_buf.data();
-        }
         for (int64_t h = 0; h < heads; ++h)
           R::weighted_sum(scores.data() + h * len + t0, rows + (h / rep) * v_dim, v_token_stride, n,
                           acc.data() + h * v_dim, v_dim);
@@ -190,7 +185,6 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and the caches must share a dtype");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head shapes do not match");
-  TORCH_CHECK(q.size(1) / k_cache.size(2) <= kMaxRep, "at most ", kMaxRep, " query heads per KV head");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "block_tables and seq_lens must be int32");
   TORCH_CHECK(block_tables.is_contiguous() && block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0),

@@ -203,6 +203,7 @@ class Linear(nn.Linear):
     then used for the matmul, the dense `weight` stays for loading and for readers of it."""
 
     packed: torch.Tensor | None = None
+    packable = True  # False where the layer is never called, only its weight read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)

@@ -200,12 +200,18 @@ class TorchModelRunner:
 def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:
     """Point every attention layer at the profile's kernel (kernels/registry.py); "auto" picks the fastest
     one available on the device. Layers default to the plain-torch reference."""
-    from kernels.registry import get_attention_kernel, preferred_kernel
+    from kernels.registry import AttentionKernelError, get_attention_kernel, preferred_kernel
 
     name = config.attention_kernel
     if name == "auto":
         name = preferred_kernel(config.device, config.block_size)
-    kernel = get_attention_kernel(name, config.device, config.block_size)
+    try:
+        kernel = get_attention_kernel(name, config.device, config.block_size)
+    except AttentionKernelError as exc:
+        if config.attention_kernel != "auto":
+            raise
+        log.warning("%s; auto falls back to the reference kernel", exc)
+        kernel = get_attention_kernel("reference", config.device, config.block_size)
     if kernel.name == "reference":
         return kernel.name
     for module in model.modules():

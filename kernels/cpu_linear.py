@@ -7,10 +7,10 @@ measured on a 2-core EPYC, fp32, SmolLM2 shapes, M = batch rows (same script, sa
     gate_up 576x3072   M=4: 0.35 -> 0.09 ms    M=64: 1.39 -> 1.05 ms    M=512: 9.8 -> 8.5 ms
     lm_head 576x49152  M=4: 17.4 -> 4.7 ms     M=64: 34.2 -> 19.4 ms    M=512: 209 -> 161 ms
 
-The runner packs every layer that has a `packed` attribute (backends/parallel.py: Linear and the vocabulary
-rows used as logits) after loading; the packed copy is opaque (a oneDNN tensor), so the dense weight is
-kept for everything else that reads it (embedding lookup, MLA's absorbed projections, state_dict). That
-doubles the memory of linear weights on CPU, where only small models are served.
+The runner packs the linear layers (backends/parallel.py's Linear) and the vocabulary rows used for logits
+after loading; the packed copy is opaque (a oneDNN tensor), so the dense weight is kept for what else reads
+it (the tied embedding's lookup, state_dict). That doubles the memory of linear weights on CPU, where only
+small models are served; layers only read as weights (MLA's kv_b_proj) are not packed.
 
 The ops are the ones Inductor's CPU fusion passes emit (torch.ops.mkldnn._reorder_linear_weight and
 _linear_pointwise); where this torch build lacks them, nothing is packed and F.linear runs.
@@ -18,8 +18,12 @@ _linear_pointwise); where this torch build lacks them, nothing is packed and F.l
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 BATCH_HINT = 64  # rows oneDNN tunes the packed layout for; measured insensitive from 1 to 2048 rows
 DTYPES = (torch.float32, torch.bfloat16)
@@ -27,6 +31,15 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of `dtype` on this CPU (bf16 needs AVX-512 BW/VL/DQ, as Inductor checks)."""
+    if not available() or dtype not in DTYPES:
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -40,16 +53,24 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack_model(model: nn.Module) -> int:
-    """Pack the weight of every CPU module with a `packed` attribute (fp32/bf16). Returns how many."""
-    if not available():
-        return 0
+    """Pack the weights of the model's CPU linear layers (backends/parallel.Linear with `packable`) and of the
+    layer its logits come from (`model.logits_layer()`). A layer oneDNN refuses keeps F.linear. Returns how
+    many were packed."""
+    from backends.parallel import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.packable]
+    logits_layer = getattr(model, "logits_layer", None)
+    if logits_layer is not None and logits_layer() is not None:
+        layers.append(logits_layer())
     count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not hasattr(module, "packed") or weight is None:
+    for layer in layers:
+        weight = layer.weight
+        if weight.device.type != "cpu" or weight.dim() != 2 or not packs(weight.dtype):
             continue
-        if weight.device.type != "cpu" or weight.dtype not in DTYPES or weight.dim() != 2:
+        try:
+            layer.packed = pack(weight)
+        except RuntimeError as exc:  # an op this build or CPU does not offer for the shape or dtype
+            log.warning("oneDNN did not pack %s (%s); it keeps F.linear", tuple(weight.shape), exc)
             continue
-        module.packed = pack(weight)
         count += 1
     return count

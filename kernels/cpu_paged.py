@@ -37,9 +37,14 @@ class KernelBuildError(RuntimeError):
     """The C++ kernel could not be compiled or loaded here."""
 
 
+def compiler() -> str:
+    """The C++ compiler torch.utils.cpp_extension uses: $CXX, else c++."""
+    return os.environ.get("CXX", "c++")
+
+
 def missing_build_tools() -> str | None:
     """What is missing to compile the kernel here, or None."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    if shutil.which(compiler()) is None:
         return "a C++ compiler (c++ on PATH, or $CXX)"
     try:
         import ninja  # noqa: F401
@@ -51,10 +56,7 @@ def missing_build_tools() -> str | None:
 def vector_flags() -> list[str]:
     """The ATen Vectorized width to compile for: AVX-512 or AVX2 where this x86 CPU has it (the kernel is
     built for -march=native on the machine that runs it), else ATen's portable fallback."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
+    flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if {"avx2", "fma"} <= flags:
@@ -63,10 +65,27 @@ def vector_flags() -> list[str]:
 
 
 def build_dir() -> Path:
+    """One build per torch version and CPU: the kernel is compiled for -march=native, so a cache directory
+    shared by machines of different CPUs (or baked into an image) must not hand one CPU's build to another."""
+    import hashlib
+
     from backends.loader import cache_dir
 
     version = torch.__version__.replace("+", "_")
-    return cache_dir() / "kernels" / f"cpu_paged_torch{version}"
+    cpu = hashlib.sha256(" ".join(sorted(_cpu_flags())).encode()).hexdigest()[:12]
+    return cache_dir() / "kernels" / f"cpu_paged_torch{version}_{cpu}"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, arm64
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return {platform.machine(), platform.processor()}
 
 
 def load() -> None:

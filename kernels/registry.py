@@ -38,7 +38,7 @@ class KernelSpec:
     mla_attention: str | None  # "module:function", None when the entry has no MLA path yet
     devices: tuple[str, ...]  # torch device types it runs on
     requires: tuple[str, ...] = ()  # importable modules it needs (checked without importing them)
-    tools: tuple[str, ...] = ()  # programs it needs on PATH (the C++ compiler of a JIT-built kernel)
+    tools: tuple[str, ...] = ()  # programs it needs on PATH; "$CXX" is the C++ compiler ($CXX, else c++)
     setup: str | None = None  # "module:function" run once when the kernel is chosen (builds, loads)
     kv_layout: str = KV_BLOCK_MAJOR
     mla_cache: str = MLA_JOINT
@@ -59,7 +59,7 @@ ATTENTION_KERNELS: dict[str, KernelSpec] = {
         "kernels.dsa_topk:reference_mla_attention",
         devices=("cpu",),
         requires=("ninja",),
-        tools=("c++",),
+        tools=("$CXX",),
         setup="kernels.cpu_paged:load",
         description="C++ decode kernel reading KV blocks in place (built once per machine), per-request SDPA "
         "for prefill chunks; MLA as the reference",
@@ -124,7 +124,8 @@ def unavailable_reason(name: str, device: str, block_size: int | None = None) ->
     missing = [m for m in spec.requires if not _module_present(m)]
     if missing:
         return f"it needs the Python module(s) {', '.join(missing)}, not installed here"
-    missing = [t for t in spec.tools if shutil.which(t) is None]
+    tools = [os.environ.get("CXX", "c++") if t == "$CXX" else t for t in spec.tools]
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         return f"it needs {', '.join(missing)} on PATH"
     if block_size is not None and spec.block_sizes is not None and block_size not in spec.block_sizes:

@@ -91,18 +91,27 @@ def test_decode_with_one_token_of_context_and_threads():
 
 
 def test_bad_inputs_are_errors_not_crashes():
+    """The op checks what it would otherwise read out of bounds: block ids, lengths, cache shapes."""
     k = torch.randn(4, 16, 2, 64)
+    q = torch.randn(1, 4, 64)
     tables = torch.zeros(1, 1, dtype=torch.int32)
     lens = torch.ones(1, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="int32"):
-        cpu_paged.paged_decode(torch.randn(1, 4, 64), k, k, tables.long(), lens, 1.0)
+        cpu_paged.paged_decode(q, k, k, tables.long(), lens, 1.0)
     with pytest.raises(RuntimeError, match="head shapes"):
         cpu_paged.paged_decode(torch.randn(1, 3, 64), k, k, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="dtype"):
-        cpu_paged.paged_decode(torch.randn(1, 4, 64).double(), k, k, tables, lens, 1.0)
+        cpu_paged.paged_decode(q.double(), k, k, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="needs more than its 1 blocks"):
+        cpu_paged.paged_decode(q, k, k, tables, torch.tensor([40], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="block id 7 outside the cache's 4 blocks"):
+        cpu_paged.paged_decode(q, k, k, torch.tensor([[7]], dtype=torch.int32), lens, 1.0)
+    with pytest.raises(RuntimeError, match="same blocks, block size and KV heads"):
+        cpu_paged.paged_decode(q, k, torch.randn(4, 16, 1, 64), tables, lens, 1.0)
+    assert cpu_paged.paged_decode(q, k, k, tables, lens, 1.0).shape == (1, 4, 64)  # the valid call works
 
 
-def test_registry_builds_it_once_and_reports_build_failures(monkeypatch):
+def test_registry_sets_it_up_and_reports_build_failures(monkeypatch):
     kernel = get_attention_kernel("cpu", "cpu")
     assert kernel.paged_attention is cpu_paged.paged_attention
     monkeypatch.setattr(cpu_paged, "_loaded", False)
@@ -137,7 +146,11 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     cpu_paged._remove_stale_lock(tmp_path)  # no lock: nothing to do
 
 
-def test_a_kv_cache_dtype_other_than_the_compute_dtype_falls_back_to_the_reference():
+def test_a_kv_cache_dtype_other_than_the_compute_dtype_falls_back_to_the_reference(monkeypatch):
+    def no_kernel(*args):
+        raise AssertionError("the C++ kernel takes one dtype: it must not be called")
+
+    monkeypatch.setattr(cpu_paged, "paged_decode", no_kernel)
     rng = random.Random(3)
     starts, q_lens, tables = random_batch(rng, 16, 6, 64)
     meta = build_metadata(starts, q_lens, tables, 16)
@@ -162,3 +175,28 @@ def test_cpu_kernels_benchmark_smoke(tmp_path):
     assert len(result["linears"]) == 5 and all(r["onednn_ms"] > 0 for r in result["linears"])
     written = json.loads(next(tmp_path.glob("cpu_kernels_*.json")).read_text())
     assert written["decode_attention"]["kv_bytes"] == result["decode_attention"]["kv_bytes"]
+
+
+def test_auto_falls_back_to_the_reference_when_the_build_fails(monkeypatch, caplog):
+    from torch import nn
+
+    from backends.torch_runner import install_attention_kernel
+    from server.config import EngineConfig
+
+    class Layer(nn.Module):
+        paged_attention_fn = None
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else "auto" on CPU picks Triton's interpreter
+    monkeypatch.setattr(cpu_paged, "_loaded", False)
+    monkeypatch.setattr(cpu_paged, "missing_build_tools", lambda: "a C++ compiler (c++ on PATH, or $CXX)")
+    model = nn.Sequential(Layer())
+    assert install_attention_kernel(model, EngineConfig(attention_kernel="auto")) == "reference"
+    assert "auto falls back to the reference kernel" in caplog.text
+    with pytest.raises(AttentionKernelError, match="could not be set up"):
+        install_attention_kernel(model, EngineConfig(attention_kernel="cpu"))
+
+
+def test_build_directory_names_the_torch_version_and_this_cpu():
+    name = cpu_paged.build_dir().name
+    assert name.startswith("cpu_paged_torch" + torch.__version__.replace("+", "_") + "_")
+    assert len(name.rsplit("_", 1)[1]) == 12

@@ -95,9 +95,13 @@ class LlamaForCausalLM(GqaKvCache, nn.Module):
             x = layer(x, positions, kv, meta)
         return self.norm(x)
 
+    def logits_layer(self) -> VocabParallelEmbedding:
+        """The vocabulary rows logits are computed with: the embedding when tied, else lm_head."""
+        return self.embed_tokens if self.tie else self.lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
-        return (self.embed_tokens if self.tie else self.lm_head).logits(hidden)
+        return self.logits_layer().logits(hidden)
 
     def load_weights(self, named_tensors) -> None:
         load_checkpoint(self, named_tensors, len(self.layers), self.tie)

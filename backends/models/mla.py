@@ -79,6 +79,7 @@ class MlaAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(hidden, self.rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
         self.kv_b_proj = ColumnParallelLinear(self.rank, [("", first * kv, self.num_heads * kv)])
+        self.kv_b_proj.packable = False  # only its weight is read (absorbed into q and the output)
         self.o_proj = RowParallelLinear(first * self.v_dim, self.num_heads * self.v_dim, hidden, bias=bias)
         self.rope = rope
         self.scale = softmax_scale(config)

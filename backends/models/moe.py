@@ -207,9 +207,13 @@ class GlmCausalLM(nn.Module):
             x = layer(x, positions, kv, meta, step)
         return self.norm(x)
 
+    def logits_layer(self) -> VocabParallelEmbedding:
+        """The vocabulary rows logits are computed with: the embedding when tied, else lm_head."""
+        return self.embed_tokens if self.tie else self.lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
-        return (self.embed_tokens if self.tie else self.lm_head).logits(hidden)
+        return self.logits_layer().logits(hidden)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         skipped_mtp = load_checkpoint(self, named_tensors, self.num_layers, self.tie)

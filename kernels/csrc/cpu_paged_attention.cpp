@@ -189,6 +189,20 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
               "block_tables and seq_lens must be int32");
   TORCH_CHECK(block_tables.is_contiguous() && block_tables.size(0) == q.size(0) && seq_lens.size(0) == q.size(0),
               "one block table and one length per sequence");
+  TORCH_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) &&
+                  v_cache.size(2) == k_cache.size(2),
+              "k_cache and v_cache must have the same blocks, block size and KV heads");
+  // The kernel trusts every block id it reads: check them (a few thousand ints) before any thread starts.
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), max_blocks = block_tables.size(1);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < q.size(0); ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "sequence ", s, ": length ", lens[s],
+                " needs more than its ", max_blocks, " blocks of ", block_size, " (or is < 1)");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks, "sequence ", s,
+                  ": block id ", tables[s * max_blocks + b], " outside the cache's ", num_blocks, " blocks");
+  }
   auto out = at::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
   const int64_t dim = q.size(2), v_dim = v_cache.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {

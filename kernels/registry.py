@@ -16,10 +16,10 @@ import importlib
 import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backends.devices.base import module_present
 from server.config import ConfigError
 
 KV_BLOCK_MAJOR = "[num_blocks, block_size, kv_heads, dim]"  # kernels/reference.py's layout
@@ -104,16 +104,6 @@ def _device_type(device: str) -> str:
     return str(device).split(":", 1)[0]
 
 
-def _module_present(name: str) -> bool:
-    """Whether `name` could be imported, without importing it (a module already in sys.modules counts)."""
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def unavailable_reason(name: str, device: str, block_size: int | None = None) -> str | None:
     """Why kernel `name` cannot run on `device` (with `block_size`), or None when it can."""
     spec = ATTENTION_KERNELS[name]
@@ -121,7 +111,7 @@ def unavailable_reason(name: str, device: str, block_size: int | None = None) ->
     on_interpreter = dev == "cpu" and spec.interpreter_on_cpu and os.environ.get("TRITON_INTERPRET") == "1"
     if dev not in spec.devices and not on_interpreter:
         return f"it runs on {', '.join(spec.devices)}, not {dev}"
-    missing = [m for m in spec.requires if not _module_present(m)]
+    missing = [m for m in spec.requires if not module_present(m)]
     if missing:
         return f"it needs the Python module(s) {', '.join(missing)}, not installed here"
     tools = [os.environ.get("CXX", "c++") if t == "$CXX" else t for t in spec.tools]

@@ -268,3 +268,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
 
 def delta_text(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run several times faster on one intra-op thread; model test modules use it for all their
+    tests (pytestmark = pytest.mark.usefixtures("single_torch_thread"))."""
+    from tests.engine_helpers import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def glm_tokenizer() -> Any:
+    """A byte-level BPE tokenizer that knows GLM's special tokens (backends/models/tiny.py)."""
+    from backends.models.tiny import build_glm_tokenizer
+
+    return build_glm_tokenizer()

@@ -7,18 +7,15 @@ import os
 import pytest
 
 from backends.models.tiny import write_tiny_glm5
-from tests.engine_helpers import check_parity, make_tiny_llama, one_torch_thread, random_prompts
+from tests.engine_helpers import check_parity, make_tiny_llama, random_prompts
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py on machines without a GPU)",
-)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_torch_thread():
-        yield
+pytestmark = [
+    pytest.mark.usefixtures("single_torch_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+        reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py on machines without a GPU)",
+    ),
+]
 
 
 def test_llama_with_triton_paged_attention(tmp_path):

@@ -4,20 +4,11 @@ import pytest
 import torch
 
 from backends.models.glm4_moe import Glm4MoeForCausalLM
-from backends.models.tiny import build_glm_tokenizer, write_random_model
+from backends.models.tiny import write_random_model
 from kernels.cpu_paged import missing_build_tools
-from tests.engine_helpers import check_parity, one_torch_thread, random_prompts
+from tests.engine_helpers import check_parity, random_prompts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_glm_tokenizer()
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_config(vocab_size: int, **overrides):
@@ -57,8 +48,8 @@ def tiny_config(vocab_size: int, **overrides):
         ),
     ],
 )
-def test_glm4_moe_parity_with_chunked_prefill(tmp_path, tokenizer, kernel):
-    model_dir = write_random_model(tiny_config(768), tmp_path / "glm4-moe", tokenizer)
+def test_glm4_moe_parity_with_chunked_prefill(tmp_path, glm_tokenizer, kernel):
+    model_dir = write_random_model(tiny_config(768), tmp_path / "glm4-moe", glm_tokenizer)
     worst, engine = check_parity(
         model_dir,
         random_prompts(8, 700),
@@ -71,13 +62,13 @@ def test_glm4_moe_parity_with_chunked_prefill(tmp_path, tokenizer, kernel):
     print(f"glm4_moe ({kernel} kernel): max relative logit difference {worst:.1e}")
 
 
-def test_fused_and_per_expert_layouts_load_the_same(tmp_path, tokenizer):
+def test_fused_and_per_expert_layouts_load_the_same(tmp_path, glm_tokenizer):
     """save_pretrained writes experts one by one (the hub layout); transformers' in-memory layout stacks them
     ([E, 2I, H] gate_up_proj, [E, H, I] down_proj). Both load into the same parameters."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(768, num_hidden_layers=2)
-    per_expert = write_random_model(config, tmp_path / "per-expert", tokenizer)
+    per_expert = write_random_model(config, tmp_path / "per-expert", glm_tokenizer)
     ref = AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
     fused = {k: v.contiguous() for k, v in ref.state_dict().items()}
     assert "model.layers.1.mlp.experts.gate_up_proj" in fused

@@ -4,19 +4,10 @@ import pytest
 import torch
 
 from backends.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
-from backends.models.tiny import build_glm_tokenizer, write_random_model
-from tests.engine_helpers import check_parity, one_torch_thread, random_prompts
+from backends.models.tiny import write_random_model
+from tests.engine_helpers import check_parity, random_prompts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_glm_tokenizer()
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_config(vocab_size: int, **overrides):
@@ -49,18 +40,18 @@ def tiny_config(vocab_size: int, **overrides):
     return Glm4MoeLiteConfig(**params)
 
 
-def test_glm4_moe_lite_parity_with_chunked_prefill(tmp_path, tokenizer):
-    model_dir = write_random_model(tiny_config(768), tmp_path / "glm47-flash", tokenizer)
+def test_glm4_moe_lite_parity_with_chunked_prefill(tmp_path, glm_tokenizer):
+    model_dir = write_random_model(tiny_config(768), tmp_path / "glm47-flash", glm_tokenizer)
     worst, _ = check_parity(
         model_dir, random_prompts(8, 700, seed=3), max_num_batched_tokens=40, num_kv_blocks=128, block_size=16
     )
     print(f"glm4_moe_lite: max relative logit difference {worst:.1e}")
 
 
-def test_glm4_moe_lite_without_q_lora_and_with_preemption(tmp_path, tokenizer):
+def test_glm4_moe_lite_without_q_lora_and_with_preemption(tmp_path, glm_tokenizer):
     """q_proj instead of the q LoRA path, non-interleaved rope, and a KV budget too small for all requests."""
     config = tiny_config(768, q_lora_rank=None, rope_interleave=False, num_hidden_layers=2)
-    model_dir = write_random_model(config, tmp_path / "no-q-lora", tokenizer, seed=1)
+    model_dir = write_random_model(config, tmp_path / "no-q-lora", glm_tokenizer, seed=1)
     _, engine = check_parity(
         model_dir, random_prompts(6, 700, seed=4), max_num_batched_tokens=256, num_kv_blocks=14, block_size=16
     )

@@ -10,17 +10,12 @@ from server.scheduler.request import SamplingParams
 from tests.engine_helpers import (
     check_parity,
     hf_model,
-    one_torch_thread,
     random_prompts,
     run_requests,
     start_engine,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,16 @@ from server.engine_api import EngineDeadError, GenerateRequest
 from server.scheduler.request import SamplingParams
 from tests.engine_helpers import (
     make_tiny_llama,
-    one_torch_thread,
     random_prompts,
     record_logits,
     run_requests,
 )
 from tests.engine_helpers import start_engine as _start_engine
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 MAX_NEW = 12
 ENGINE = dict(max_num_batched_tokens=40, num_kv_blocks=96, block_size=16, num_threads=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 def start_engine(model_dir, tp: int, **overrides):

@@ -167,9 +167,10 @@ def paged_attention(
         qs = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
         ks = _context(k_cache, table, seq_len, meta.block_size)
         vs = _context(v_cache, table, seq_len, meta.block_size)
-        mask = None
-        if start:  # the chunk's query i sits at position start + i: bottom-right aligned causal mask
+        mask = rows.masks.get(first)
+        if start and mask is None:  # query i sits at position start + i: bottom-right aligned causal mask
             mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            rows.masks[first] = mask  # the step's other layers reuse it
         o = F.scaled_dot_product_attention(
             qs,
             ks,

@@ -10,7 +10,7 @@ tensor and runs one SDPA call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class StepRows:
     decode_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0
     decode_lens: torch.Tensor  # [S] int32: context length including the new token
     prefill: list[tuple[int, int, int, list[int]]]  # (first row, start position, q_len, block table)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per first row: built by the first layer
 
 
 @dataclass(slots=True)

@@ -67,6 +67,12 @@ def test_matches_reference(seed, block_size, heads, kv_heads, head_dim, v_dim, d
     out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, scale)
     assert out.dtype == dtype and out.shape == (t, heads, v_dim)
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+    # A second layer of the same step (same metadata, masks built by the first layer) with other queries.
+    q2 = torch.randn(t, heads, head_dim).to(dtype)
+    expected2 = paged_attention(q2.float(), k_cache.float(), v_cache.float(), meta, scale)
+    torch.testing.assert_close(
+        cpu_paged.paged_attention(q2, k_cache, v_cache, meta, scale).float(), expected2, **TOL[dtype]
+    )
 
 
 def test_decode_with_one_token_of_context_and_threads():

@@ -206,7 +206,7 @@ def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:
     if name == "auto":
         name = preferred_kernel(config.device, config.block_size)
     try:
-        kernel = get_attention_kernel(name, config.device, config.block_size)
+        kernel = get_attention_kernel(name, config.device, config.block_size, config.cache_dir)
     except AttentionKernelError as exc:
         if config.attention_kernel != "auto":
             raise

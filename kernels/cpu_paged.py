@@ -64,7 +64,7 @@ def vector_flags() -> list[str]:
     return []
 
 
-def build_dir() -> Path:
+def build_dir(cache: str | None = None) -> Path:
     """One build per torch version and CPU: the kernel is compiled for -march=native, so a cache directory
     shared by machines of different CPUs (or baked into an image) must not hand one CPU's build to another."""
     import hashlib
@@ -73,7 +73,7 @@ def build_dir() -> Path:
 
     version = torch.__version__.replace("+", "_")
     cpu = hashlib.sha256(" ".join(sorted(_cpu_flags())).encode()).hexdigest()[:12]
-    return cache_dir() / "kernels" / f"cpu_paged_torch{version}_{cpu}"
+    return cache_dir(cache) / "kernels" / f"cpu_paged_torch{version}_{cpu}"
 
 
 def _cpu_flags() -> set[str]:
@@ -88,8 +88,9 @@ def _cpu_flags() -> set[str]:
     return {platform.machine(), platform.processor()}
 
 
-def load() -> None:
-    """Compile (first time on this machine) and load the C++ op; idempotent, thread-safe."""
+def load(cache: str | None = None) -> None:
+    """Compile (first time on this machine) and load the C++ op; idempotent, thread-safe. `cache`: the
+    engine's cache_dir (default GLM_SERVE_CACHE_DIR, else ~/.cache/glm-serve)."""
     global _loaded
     with _lock:
         if _loaded:
@@ -99,7 +100,7 @@ def load() -> None:
             raise KernelBuildError(f"the cpu attention kernel needs {missing}")
         from torch.utils.cpp_extension import load as load_extension
 
-        path = build_dir()
+        path = build_dir(cache)
         path.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(path)
         if not (path / "glm_serve_cpu_paged.so").exists():

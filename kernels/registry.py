@@ -39,7 +39,7 @@ class KernelSpec:
     devices: tuple[str, ...]  # torch device types it runs on
     requires: tuple[str, ...] = ()  # importable modules it needs (checked without importing them)
     tools: tuple[str, ...] = ()  # programs it needs on PATH; "$CXX" is the C++ compiler ($CXX, else c++)
-    setup: str | None = None  # "module:function" run once when the kernel is chosen (builds, loads)
+    setup: str | None = None  # "module:function(cache_dir)" run when the kernel is chosen (builds, loads)
     kv_layout: str = KV_BLOCK_MAJOR
     mla_cache: str = MLA_JOINT
     block_sizes: tuple[int, ...] | None = None  # allowed engine.block_size values; None: any
@@ -157,13 +157,16 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def get_attention_kernel(name: str, device: str, block_size: int | None = None) -> AttentionKernel:
-    """The kernel's functions, imported now (the vendor library itself is imported on first call)."""
+def get_attention_kernel(
+    name: str, device: str, block_size: int | None = None, cache_dir: str | None = None
+) -> AttentionKernel:
+    """The kernel's functions, imported now (the vendor library itself is imported on first call); a kernel
+    built on first use is built now, under `cache_dir` (the engine's; None: the default)."""
     check_attention_kernel(name, device, block_size)
     spec = ATTENTION_KERNELS[name]
     if spec.setup is not None:
         try:
-            _load(spec.setup)()
+            _load(spec.setup)(cache_dir)
         except Exception as exc:
             raise AttentionKernelError(
                 f"engine.attention_kernel {name!r} could not be set up: {exc}"

@@ -206,3 +206,12 @@ def test_build_directory_names_the_torch_version_and_this_cpu():
     name = cpu_paged.build_dir().name
     assert name.startswith("cpu_paged_torch" + torch.__version__.replace("+", "_") + "_")
     assert len(name.rsplit("_", 1)[1]) == 12
+
+
+def test_the_build_goes_under_the_engines_cache_dir(tmp_path, monkeypatch):
+    """engine.cache_dir (not only GLM_SERVE_CACHE_DIR) decides where the kernel is built."""
+    calls = []
+    monkeypatch.setattr(cpu_paged, "_loaded", False)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kw: calls.append(kw["build_directory"]))
+    get_attention_kernel("cpu", "cpu", cache_dir=str(tmp_path))
+    assert calls and calls[0].startswith(str(tmp_path / "kernels" / "cpu_paged_torch"))

@@ -65,14 +65,17 @@ def vector_flags() -> list[str]:
 
 
 def build_dir(cache: str | None = None) -> Path:
-    """One build per torch version and CPU: the kernel is compiled for -march=native, so a cache directory
-    shared by machines of different CPUs (or baked into an image) must not hand one CPU's build to another."""
+    """One build per torch installation and CPU: the kernel is compiled for -march=native, so a cache
+    directory shared by machines of different CPUs (or baked into an image) must not hand one CPU's build to
+    another; and two environments (.venv, .venv-vllm) sharing it would otherwise rebuild it in turn, since the
+    builder's hash covers torch's include paths."""
     import hashlib
 
     from backends.loader import cache_dir
 
     version = torch.__version__.replace("+", "_")
-    cpu = hashlib.sha256(" ".join(sorted(_cpu_flags())).encode()).hexdigest()[:12]
+    key = " ".join([str(Path(torch.__file__).resolve().parent), *sorted(_cpu_flags())])
+    cpu = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir(cache) / "kernels" / f"cpu_paged_torch{version}_{cpu}"
 
 

@@ -358,3 +358,18 @@ def test_tools_may_be_pydantic_models_or_bare_functions() -> None:
     bare = {"name": "g", "parameters": {"type": "object", "properties": {"n": {"type": "string"}}}}
     message = parse_full(raw, tools=[typed, bare])  # type: ignore[list-item]
     assert [json.loads(c.arguments) for c in message.tool_calls] == [{"n": "12"}, {"n": "12"}]
+
+
+def test_a_think_right_after_the_outputs_own_think_is_reasoning_text() -> None:
+    """Found by the property test above: ' <think><think>' (unclosed) lost its second <think> because the
+    drop rule for the template's pre-opened <think> also fired after a <think> the output opened itself."""
+    parser = GlmOutputParser(tools=[WEATHER], starts_in_reasoning=False)
+    reasoning, content, _ = stream_view(feed_all(parser, list(" <think><think>")))
+    assert (reasoning, content) == ("<think>", "")
+    assert parser.result().content == " <think><think>"
+    closed = GlmOutputParser(tools=[WEATHER], starts_in_reasoning=False)
+    feed_all(closed, ["<think><think>x</think>answer"])
+    assert (closed.result().reasoning, closed.result().content) == ("<think>x", "answer")
+    pre_opened = GlmOutputParser(tools=[WEATHER], starts_in_reasoning=True)
+    feed_all(pre_opened, ["<think>x</think>answer"])  # the template opened it: the repeat is dropped
+    assert (pre_opened.result().reasoning, pre_opened.result().content) == ("x", "answer")

@@ -157,7 +157,10 @@ class GlmOutputParser:
         if self._call is not None:
             return self._call.tags()
         if self._mode is _Mode.REASONING:
-            return (THINK_CLOSE,) if self._reasoning_parts else (THINK_CLOSE, THINK_OPEN)
+            # Only the template's pre-opened <think> may be repeated (and dropped) before any reasoning text;
+            # after a <think> the output opened itself, another one is reasoning text.
+            repeat_allowed = not self._reasoning_parts and self._think_prefix is None
+            return (THINK_CLOSE, THINK_OPEN) if repeat_allowed else (THINK_CLOSE,)
         tags = (CALL_OPEN,) if self._parse_tools else ()
         return (*tags, THINK_OPEN) if self._may_open_think() else tags
 

@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,8 +83,9 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     tmp.rename(target)
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint (all shards), loaded on CPU one at a time."""
+def iter_safetensors(model_dir: Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """Every tensor of the checkpoint (all shards), loaded on CPU one at a time; with `lazy`, as safetensors
+    slices that read nothing until indexed (a tensor-parallel rank reads only its part: parallel.read)."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -92,7 +94,7 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:

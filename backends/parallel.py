@@ -25,7 +25,6 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -182,19 +181,6 @@ def read(tensor: Any, narrow: Narrow | None) -> torch.Tensor:
     if narrow is None:
         return tensor[:]
     return tensor[(slice(None),) * narrow.dim + (slice(narrow.start, narrow.start + narrow.size),)]
-
-
-def iter_checkpoint_slices(model_dir: Path) -> Iterator[tuple[str, Any]]:
-    """Every tensor of the checkpoint as a lazy safetensors slice: nothing is read until `read`."""
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_slice(name)
 
 
 # --- layers ---------------------------------------------------------------------------------------------

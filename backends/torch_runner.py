@@ -21,7 +21,7 @@ from torch import nn
 
 from backends.loader import iter_safetensors
 from backends.models import model_class
-from backends.parallel import TensorParallel, iter_checkpoint_slices, use
+from backends.parallel import TensorParallel, use
 from backends.sampler import Sampler, SampleResult
 from kernels import cpu_linear
 from kernels.reference import build_metadata
@@ -108,8 +108,7 @@ class TorchModelRunner:
             get_device(self.config.device).set_device(self.tp.rank)
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
-        tensors = iter_safetensors if self.tp.size == 1 else iter_checkpoint_slices
-        model.load_weights(tensors(self.model_dir))
+        model.load_weights(iter_safetensors(self.model_dir, lazy=self.tp.size > 1))
         self.model = model.to(self.dtype).eval()
         if self.device.type == "cpu":
             packed = cpu_linear.pack_model(self.model)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from backends.loader import iter_safetensors
 from backends.models.tiny import build_glm_tokenizer, write_random_model, write_tiny_glm5
-from backends.parallel import TensorParallel, attention_heads, iter_checkpoint_slices, use
+from backends.parallel import TensorParallel, attention_heads, use
 from backends.tp_worker import TPWorkerError
 from server.engine_api import EngineDeadError, GenerateRequest
 from server.scheduler.request import SamplingParams
@@ -100,7 +100,7 @@ def test_each_rank_loads_its_part_of_the_checkpoint(tmp_path):
     for rank in range(2):
         with use(TensorParallel(rank, 2)):
             model = LlamaForCausalLM(config)
-        model.load_weights(iter_checkpoint_slices(model_dir))
+        model.load_weights(iter_safetensors(model_dir, lazy=True))
         shards.append(model.state_dict())
     attn = "layers.1.self_attn"
     q = torch.cat([s[f"{attn}.qkv.weight"][:32] for s in shards])

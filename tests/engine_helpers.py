@@ -24,12 +24,11 @@ def smollm_dir() -> Path:
     return resolve_model_dir(None)
 
 
-def make_tiny_llama(root: Path, seed: int = 0) -> Path:
-    """A random 2-layer llama with SmolLM2's tokenizer (a real tokenizer and chat template)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides):
+    """The config of make_tiny_llama's model (SmolLM2's vocabulary, 2 layers of hidden size 64)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    params = dict(
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
@@ -43,7 +42,16 @@ def make_tiny_llama(root: Path, seed: int = 0) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(config)
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def make_tiny_llama(root: Path, seed: int = 0) -> Path:
+    """A random 2-layer llama with SmolLM2's tokenizer (a real tokenizer and chat template)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config())
     out = root / "tiny-llama"
     model.save_pretrained(out)
     src = smollm_dir()

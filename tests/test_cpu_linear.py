@@ -51,26 +51,16 @@ def test_parallel_layers_give_the_same_output_packed():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_pack_model_packs_linears_and_the_logits_layer_only(tie):
-    from transformers import LlamaConfig
-
     from backends.models.llama import LlamaForCausalLM
+    from tests.engine_helpers import tiny_llama_config
 
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=300, tie_word_embeddings=tie))
     # per layer: qkv, o_proj, gate_up, down; and the logits rows
     assert cpu_linear.pack_model(model) == 2 * 4 + 1
     assert (model.embed_tokens.packed is not None) == tie
     if not tie:
         assert model.lm_head.packed is not None
-    hidden = torch.randn(3, 32)
+    hidden = torch.randn(3, 64)
     with torch.inference_mode():
         logits = model.compute_logits(hidden)
     rows = model.embed_tokens.weight if tie else model.lm_head.weight

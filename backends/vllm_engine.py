@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from backends.vllm_args import engine_args
 from server.config import EngineConfig
 from server.engine_api import (
     Delta,
@@ -71,9 +72,24 @@ def _stat_logger_factory(stats: _Stats):
 
 
 class VllmEngine:
-    def __init__(self, config: EngineConfig, served_model_name: str | None = None):
+    """`passthrough`: the profile's vllm: section (vLLM engine args by vLLM's names); `served_names`: the
+    model ids (the first one is reported); `reasoning_parser`: vLLM's name of the reasoning parser, which
+    its structured-output backend uses to leave the reasoning unconstrained."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        served_model_name: str | None = None,
+        *,
+        passthrough: dict[str, Any] | None = None,
+        served_names: list[str] | None = None,
+        reasoning_parser: str | None = None,
+    ):
         self.config = config
-        self._served_name = served_model_name
+        self._served_name = served_model_name or (served_names[0] if served_names else None)
+        self._aliases = list(served_names[1:]) if served_names else []
+        self._passthrough = dict(passthrough or {})
+        self._reasoning_parser = reasoning_parser
         self.model_name = served_model_name or ""
         self.max_model_len = 0
         self.tokenizer = None
@@ -81,6 +97,7 @@ class VllmEngine:
         self._stats = _Stats()
         self._live: set[str] = set()
         self._stopping = False
+        self.speculative = False
 
     async def start(self) -> None:
         try:
@@ -98,25 +115,11 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if cfg.device == "cpu" and cfg.kv_cache_bytes:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, cfg.kv_cache_bytes >> 30)))
-        args = AsyncEngineArgs(
-            **vllm_layout_args(cfg),
-            model=str(model_dir),
-            served_model_name=self.model_name,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            pipeline_parallel_size=cfg.pipeline_parallel_size,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            gpu_memory_utilization=min(cfg.memory_fraction, 0.3)
-            if cfg.device == "cpu"
-            else cfg.memory_fraction,
-            seed=cfg.seed,
-            disable_log_stats=False,
-            # GLM_SERVE_VLLM_EAGER=1 skips torch.compile: minutes less start-up, for tests and smoke runs.
-            enforce_eager=os.environ.get("GLM_SERVE_VLLM_EAGER", "0") == "1",
+        kwargs = engine_args(
+            cfg, self._passthrough, str(model_dir), [self.model_name, *self._aliases], self._reasoning_parser
         )
+        args = AsyncEngineArgs(**kwargs)
+        self.speculative = bool(kwargs.get("speculative_config"))
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
         self.max_model_len = self._llm.model_config.max_model_len
 
@@ -204,29 +207,6 @@ class VllmEngine:
             self._live.discard(request.request_id)
             if done < request.n and self._llm is not None:
                 await self._llm.abort(request.request_id)
-
-
-def vllm_layout_args(cfg: EngineConfig) -> dict[str, Any]:
-    """The profile's parallel layout, cache and quantization settings as vLLM engine arguments.
-
-    FP8 checkpoints (GLM-5-FP8) carry their quantization_config, which vLLM reads itself; Ascend's W8A8 and
-    W4A8 checkpoints (ModelSlim) are loaded through vllm-ascend's quantization method "ascend"."""
-    args: dict[str, Any] = {"kv_cache_dtype": cfg.kv_cache_dtype}
-    if cfg.device != "cpu":  # vLLM's CPU attention picks its own block size (a multiple of 32)
-        args["block_size"] = cfg.block_size
-    if cfg.weight_dtype in ("w8a8", "w4a8"):
-        args["quantization"] = "ascend"
-    if cfg.expert_parallel_size > 1:
-        args["enable_expert_parallel"] = True
-    if cfg.data_parallel_size > 1:
-        args["data_parallel_size"] = cfg.data_parallel_size
-        args["data_parallel_size_local"] = max(1, cfg.data_parallel_size // cfg.nodes)
-        if os.environ.get("GLM_SERVE_DP_ADDRESS"):  # set by the multi-node manifests (deploy/multinode)
-            args["data_parallel_address"] = os.environ["GLM_SERVE_DP_ADDRESS"]
-            args["data_parallel_rpc_port"] = int(os.environ.get("GLM_SERVE_DP_RPC_PORT", "13345"))
-    if cfg.nodes > 1 and cfg.data_parallel_size == 1:
-        args["distributed_executor_backend"] = "ray"  # TP inside a node, PP across nodes (deploy/multinode)
-    return args
 
 
 def to_vllm_params(p: SamplingParams, n: int) -> Any:

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
 from server.app import create_app
-from server.config import CONFIG_DIR, Config, ConfigError, load_config
+from server.cli_flags import (
+    add_config_flags,
+    bind_unknown_values,
+    config_from_args,
+    expand_dotted,
+    remember_flag_names,
+)
+from server.config import Config, ConfigError, effective_config
 from server.engine_api import Engine
 from server.routes.deps import ServingState
 
@@ -40,7 +47,16 @@ def build_engine(cfg: Config, factory: str | None = None) -> Engine:
     if cfg.engine.backend == "vllm":
         from backends.vllm_engine import VllmEngine
 
-        return VllmEngine(cfg.engine)
+        names = cfg.server.served_model_name and [
+            cfg.server.served_model_name,
+            *cfg.server.served_model_aliases,
+        ]
+        return VllmEngine(
+            cfg.engine,
+            passthrough=cfg.extra.get("vllm", {}),
+            served_names=names or None,
+            reasoning_parser=cfg.server.reasoning_parser,
+        )
     raise ConfigError(f"unknown engine backend {cfg.engine.backend!r}")
 
 
@@ -78,17 +94,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {
-        "engine.model": args.model,
-        "server.host": args.host,
-        "server.port": args.port,
-        "server.api_key_file": args.api_key_file,
-        "server.served_model_name": args.served_model_name,
-    }
+def serve(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     holder: dict[str, DrainingServer] = {}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args, extra)
+        log.info("configuration (key = value  [source]):\n%s", format_config(cfg, only_set=True))
         if not fits_before_loading(cfg):
             return 2
         app = create_app(
@@ -134,24 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-serve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="serve a model behind the OpenAI-compatible API")
-    serve_cmd.add_argument(
-        "--config", default=str(CONFIG_DIR / "cpu.yaml"), help="profile: a YAML path or a name in configs/"
-    )
-    serve_cmd.add_argument(
-        "--model", help="a Hugging Face-format model directory (default: the profile's model)"
-    )
-    serve_cmd.add_argument("--host", help="address to listen on (default: the profile's, 127.0.0.1)")
-    serve_cmd.add_argument("--port", type=int, help="port to listen on (default: the profile's, 8000)")
-    serve_cmd.add_argument(
-        "--api-key-file",
-        help="file with one API key per line, optionally followed by roles (sovereign, force_overflow, admin)",
-    )
-    serve_cmd.add_argument(
-        "--served-model-name", help="model name clients use (default: the model directory's name)"
-    )
+    add_config_flags(serve_cmd)
+    remember_flag_names(serve_cmd)
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve_cmd.add_argument("--engine-factory", help=argparse.SUPPRESS)  # tests: "module:callable"
     serve_cmd.set_defaults(func=serve)
+    config_cmd = commands.add_parser("config", help="the effective configuration, with each key's source")
+    config_cmd.add_argument("action", choices=["show"])
+    config_cmd.add_argument("--json", action="store_true", help="print JSON: {key: {value, source}}")
+    add_config_flags(config_cmd)
+    remember_flag_names(config_cmd)
+    config_cmd.set_defaults(func=show_config)
     tiny_cmd = commands.add_parser("tiny-glm5", help="write a tiny random GLM-5-architecture checkpoint")
     tiny_cmd.add_argument("out_dir", help="directory to write (created if missing)")
     tiny_cmd.add_argument("--seed", type=int, default=0)
@@ -159,6 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def show_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
+    try:
+        cfg = config_from_args(args, extra)
+    except ConfigError as exc:
+        print(f"glm-serve: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = {key: {"value": value, "source": source} for key, value, source in effective_config(cfg)}
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_config(cfg))
+    return 0
+
+
+def format_config(cfg: Config, only_set: bool = False) -> str:
+    """One line per key: `key = value  [source]`; only_set: the keys not at their defaults' source."""
+    rows = [r for r in effective_config(cfg) if not only_set or r[2] != "default"]
+    width = max((len(key) for key, _, _ in rows), default=0)
+    return "\n".join(
+        f"  {key:<{width}} = {json.dumps(value, default=str)}  [{source}]" for key, value, source in rows
+    )
 
 
 def write_tiny_glm5(args: argparse.Namespace) -> int:
@@ -176,9 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         configure_logging("info")
         return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(bind_unknown_values(expand_dotted(argv), _option_strings(parser)))
+    if extra and args.command not in ("serve", "config"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(getattr(args, "log_level", "info"))
+    if args.command in ("serve", "config"):
+        return int(args.func(args, extra))
     return int(args.func(args))
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    subparsers = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    return {s for sub in subparsers.values() for a in sub._actions for s in a.option_strings}
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """Typed configuration: a YAML profile, overridden by GLM_SERVE_* environment variables, overridden by
-CLI flags. Unknown keys are errors that name the key."""
+CLI flags. The sections are dataclasses; server/config_schema.py checks every value against its field's
+type and names the key, its source and the closest known name in errors. Adding a key is adding a field
+(with a `# comment`: docs/configuration.md is generated from it, `python -m server.config_docs`)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from server import config_schema as schema
+from server.config_schema import ConfigError
+
+# The shipped profiles: configs/ beside the packages, in a checkout and in an installed wheel alike
+# (pyproject.toml ships it as package data).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ENV_PREFIX = "GLM_SERVE_"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(slots=True)
@@ -26,47 +28,65 @@ class EngineConfig:
     model: str | None = None  # a Hugging Face-format directory; None: the embedded SmolLM2 default
     backend: str = "native"  # native | vllm
     device: str = "cpu"  # cpu | cuda | npu | mlu
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    kv_cache_dtype: str = "auto"  # auto: same as dtype
-    block_size: int = 16
+    dtype: str = "float32"  # activations: float32 | bfloat16 | float16 (--dtype also takes half, float)
+    kv_cache_dtype: str = "auto"  # auto: same as dtype; fp8, fp8_e4m3, fp8_e5m2, fp8_ds_mla: vLLM only
+    block_size: int = 16  # tokens per KV-cache block (a power of two)
     kv_cache_bytes: int | None = None  # KV cache size; None: derived from memory_fraction
     memory_fraction: float = 0.9  # of free device memory for weights + KV (GPU/NPU); CPU uses kv_cache_bytes
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes when set (tests use it)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64  # requests in one batch at most
+    max_num_batched_tokens: int = 2048  # tokens computed in one step at most (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    expert_parallel_size: int = 1
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a shared prompt prefix
+    tensor_parallel_size: int = 1  # devices each layer is split over (-tp)
+    pipeline_parallel_size: int = 1  # stages the layers are split into (-pp; vLLM only)
+    expert_parallel_size: int = (
+        1  # 1, or tp x dp: experts spread over those devices (--enable-expert-parallel)
+    )
     attention_kernel: str = "reference"  # a kernels/ name the device offers; "auto": the backend's choice
     # Hardware layout and weight format, read by the memory planner (backends/planner.py) and validate().
     accelerator: str | None = None  # the card sized for, e.g. h200-141gb (backends/devices); None: the host
     weight_dtype: str = "auto"  # auto (= dtype) | bfloat16 | float16 | float32 | fp8 | w8a8 | w4a8
     data_parallel_size: int = 1  # engine replicas; with expert parallelism experts spread over tp x dp
-    nodes: int = 1
-    devices_per_node: int = 1
+    nodes: int = 1  # hosts the engine spans
+    devices_per_node: int = 1  # accelerators per host
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
-    seed: int = 0
+    seed: int = 0  # sampling seed of the engine
     cache_dir: str | None = None  # where the embedded model is dequantized; GLM_SERVE_CACHE_DIR
+    # auto: the model directory's generation_config.json gives the sampling defaults (as vLLM's
+    # --generation-config auto); vllm: none (the API's own defaults); else a directory holding that file
+    generation_config: str = "auto"
 
 
 @dataclass(slots=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None
-    api_keys: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 in containers
+    port: int = 8000  # HTTP port (vLLM's default)
+    served_model_name: str | None = None  # the model id in responses; None: the model directory's name
+    served_model_aliases: list[str] = field(
+        default_factory=list
+    )  # more ids requests may use (vLLM: the names after the first)
+    api_keys: list[str] = field(default_factory=list)  # accepted bearer keys; none: no authentication
     api_key_file: str | None = None  # one key per line, optionally followed by roles: `sk-... admin`
     # Roles (KEY_ROLES); a key listed here is also a valid key. Sovereign requests never leave this server.
     sovereign_keys: list[str] = field(default_factory=list)
     force_overflow_keys: list[str] = field(default_factory=list)  # may send `X-Overflow: force` (testing)
     admin_keys: list[str] = field(default_factory=list)  # may read GET /v1/usage
-    protect_metrics: bool = False
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_queued_requests: int = 256
-    drain_timeout_s: float = 30.0
-    log_prompts: bool = False
+    protect_metrics: bool = False  # /metrics needs an API key too
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    max_queued_requests: int = 256  # past this many waiting requests, new ones get 503
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+    log_prompts: bool = False  # write prompt text to the log (debugging only)
+    chat_template: str | None = None  # a Jinja file (or the template text) replacing the tokenizer's
+    tool_call_parser: str | None = (
+        None  # glm45 | glm47 (the tool-call layout); None: detected from the chat template
+    )
+    reasoning_parser: str | None = (
+        None  # glm45 (GLM-4.5 to GLM-5 <think> blocks; always on, as vLLM's recipe sets it)
+    )
+    enable_auto_tool_choice: bool = (
+        True  # tool_choice "auto" allowed; false: only "none" and named tools, as vLLM without the flag
+    )
 
 
 @dataclass(slots=True)
@@ -76,10 +96,13 @@ class Config:
     profile: str = "cpu"
     description: str = ""
     models: list[dict[str, Any]] = field(default_factory=list)  # models the profile is known to fit
-    extra: dict[str, Any] = field(default_factory=dict)  # sections owned by other modules (overflow, usage)
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # sections owned by other modules (overflow, usage, vllm)
+    sources: dict[str, str] = field(default_factory=dict)  # dotted key -> where its value came from
 
 
-_EXTRA_SECTIONS = {"overflow", "usage", "vllm", "notes"}
+_EXTRA_SECTIONS = ("overflow", "usage", "vllm", "notes")
 KEY_ROLES = ("sovereign", "force_overflow", "admin")
 
 
@@ -130,93 +153,83 @@ def collect_api_keys(server: ServerConfig) -> dict[str, ApiKey]:
     return keys
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
-    return cls(**values)
-
-
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, check: bool = True
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    check: bool = True,
+    *,
+    environ: dict[str, str] | None = None,
+    override_sources: dict[str, str] | None = None,
 ) -> Config:
-    """Load a profile (a path, or a name under configs/), then env, then explicit overrides.
+    """A profile (a path, or a name under configs/), then the environment, then explicit overrides; each
+    source wins over the one before it. Every value is checked against its field's type.
 
-    overrides use dotted keys: {"engine.model": "...", "server.port": 8001}."""
-    data: dict[str, Any] = {}
-    profile = "cpu"
-    if path is not None:
-        p = Path(path)
-        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-            p = CONFIG_DIR / f"{path}.yaml"
-        if not p.exists():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text()) or {}
-        profile = p.stem
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping")
-    top_known = {"engine", "server", "profile", "description", "models"} | _EXTRA_SECTIONS
-    for key in data:
-        if key not in top_known:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(top_known))})")
-    engine_vals = dict(data.get("engine") or {})
-    server_vals = dict(data.get("server") or {})
-    for key, value in _env_overrides().items():
-        _set_dotted(engine_vals, server_vals, key, value)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(engine_vals, server_vals, key, value)
+    overrides use dotted keys: {"engine.model": "...", "server.port": 8001} (None: not given);
+    override_sources names where each came from (a command-line flag), for errors and `config show`."""
+    data, source = _read_profile(path)
+    layers = [
+        schema.flatten_profile(data, source),
+        schema.env_layer(dict(os.environ) if environ is None else environ),
+        {
+            k: (v, (override_sources or {}).get(k, "override"))
+            for k, v in (overrides or {}).items()
+            if v is not None
+        },
+    ]
+    values, sources = schema.merge(layers)
     cfg = Config(
-        engine=_build(EngineConfig, engine_vals, "engine"),
-        server=_build(ServerConfig, server_vals, "server"),
-        profile=str(data.get("profile", profile)),
+        engine=EngineConfig(**schema.nest(values, "engine")),
+        server=ServerConfig(**schema.nest(values, "server")),
+        profile=str(data.get("profile", Path(path).stem if path else "cpu")),
         description=str(data.get("description", "")),
         models=list(data.get("models") or []),
-        extra={k: data[k] for k in _EXTRA_SECTIONS if k in data},
+        extra={
+            s: schema.nest(values, s) for s in _EXTRA_SECTIONS if any(k.startswith(s + ".") for k in values)
+        },
+        sources=sources,
     )
     if check:  # check=False: the raw layout, for tools that change it before it is served (planner)
         validate(cfg)
     return cfg
 
 
-def _set_dotted(engine_vals: dict, server_vals: dict, key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    target = {"engine": engine_vals, "server": server_vals}.get(section)
-    if target is None or not name:
-        raise ConfigError(f"unknown config key '{key}'")
-    target[name] = value
+def _read_profile(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    if path is None:
+        return {}, schema.DEFAULT
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        p = CONFIG_DIR / f"{path}.yaml"
+    if not p.exists():
+        known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"config file not found: {path} (profiles by name: {', '.join(known)})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    return data, f"profile {p}"
 
 
-def _env_overrides() -> dict[str, Any]:
-    """GLM_SERVE_ENGINE__MAX_NUM_SEQS=8 -> engine.max_num_seqs = 8 (typed from the dataclass field)."""
-    out: dict[str, Any] = {}
-    types = {f"engine.{f.name}": f.type for f in fields(EngineConfig)}
-    types |= {f"server.{f.name}": f.type for f in fields(ServerConfig)}
-    for name, raw in os.environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        dotted = f"{section}.{key}"
-        if dotted not in types:
-            raise ConfigError(f"unknown config key '{dotted}' from environment variable {name}")
-        out[dotted] = _coerce(raw, str(types[dotted]))
-    return out
+def effective_config(cfg: Config) -> list[tuple[str, Any, str]]:
+    """(key, value, source) for every key of the schema and every vllm.* argument, secrets redacted:
+    what `glm-serve config show` prints and the server logs at start."""
+    rows = []
+    for path in schema.schema():
+        section, _, rest = path.partition(".")
+        node: Any = {"engine": cfg.engine, "server": cfg.server}.get(section) or cfg.extra.get(section, {})
+        for name in rest.split("."):
+            node = getattr(node, name) if not isinstance(node, dict) else node.get(name, _UNSET)
+        if node is _UNSET:
+            node = schema.schema()[path].default
+        rows.append((path, schema.redacted(path, node), cfg.sources.get(path, schema.DEFAULT)))
+    for name, value in cfg.extra.get("vllm", {}).items():
+        path = f"vllm.{name}"
+        rows.append((path, schema.redacted(path, value), cfg.sources.get(path, schema.DEFAULT)))
+    return rows
 
 
-def _coerce(raw: str, type_name: str) -> Any:
-    if "bool" in type_name:
-        return raw.lower() in ("1", "true", "yes", "on")
-    if "int" in type_name and raw.lstrip("-").isdigit():
-        return int(raw)
-    if "float" in type_name:
-        try:
-            return float(raw)
-        except ValueError:
-            return raw
-    if "list" in type_name:
-        return [s for s in raw.split(",") if s]
-    return raw
+_UNSET = object()
 
 
 def validate(cfg: Config) -> None:
@@ -242,17 +255,41 @@ def validate(cfg: Config) -> None:
     _validate_sections(cfg)
 
 
+TOOL_CALL_PARSERS = ("glm45", "glm47")  # server/parsers: GLM-4.5/4.6 layout, GLM-4.7/GLM-5 layout
+REASONING_PARSERS = ("glm45",)  # <think> blocks of GLM-4.5 to GLM-5 (vLLM's name, used by its recipes)
+
+
 def _validate_sections(cfg: Config) -> None:
-    """The overflow and usage sections, parsed by their own modules (imported here: they import this one)."""
+    """The server's parser names, the vllm section, and the overflow and usage sections, parsed by their own
+    modules (imported here: they import this one)."""
     from server.overflow import parse_overflow_config
     from server.usage import parse_usage_config
+
+    for key, known in (("tool_call_parser", TOOL_CALL_PARSERS), ("reasoning_parser", REASONING_PARSERS)):
+        value = getattr(cfg.server, key)
+        if value is not None and value not in known:
+            source = cfg.sources.get(f"server.{key}", "default")
+            raise ConfigError(
+                f"server.{key} {value!r} ({source}) is not a known parser (known: {', '.join(known)})"
+            )
+    passthrough = cfg.extra.get("vllm", {})
+    if passthrough and cfg.engine.backend != "vllm":
+        name = next(iter(passthrough))
+        raise ConfigError(
+            f"vllm.{name} ({cfg.sources.get(f'vllm.{name}', 'profile')}) is a vLLM engine argument: it needs "
+            f"engine.backend vllm, and the backend is {cfg.engine.backend}"
+        )
+    if passthrough:
+        from backends.vllm_args import check_vllm_section
+
+        check_vllm_section(passthrough, cfg.sources)
 
     parse_overflow_config(cfg.extra.get("overflow"))
     parse_usage_config(cfg.extra.get("usage"))
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_ds_mla")
 QUANTIZED_WEIGHTS = ("fp8", "w8a8", "w4a8")
 
 
@@ -299,9 +336,9 @@ def _validate_hardware(e: EngineConfig) -> None:
         raise ConfigError(
             f"engine.weight_dtype {e.weight_dtype} needs backend vllm: the native engine has no quantized kernels"
         )
-    if e.backend == "native" and e.kv_cache_dtype == "fp8":
+    if e.backend == "native" and e.kv_cache_dtype.startswith("fp8"):
         raise ConfigError(
-            "engine.kv_cache_dtype fp8 needs backend vllm: the native engine keeps KV in its dtype"
+            f"engine.kv_cache_dtype {e.kv_cache_dtype} needs backend vllm: the native engine keeps KV in its dtype"
         )
     if e.accelerator is None:  # the planner then cannot size the devices (it says so); the engine runs
         return
@@ -318,7 +355,7 @@ def _validate_hardware(e: EngineConfig) -> None:
         raise ConfigError(
             f"engine.weight_dtype {weight} has no kernels on {acc.name} (it has {', '.join(acc.weight_dtypes)})"
         )
-    if e.kv_cache_dtype == "fp8" and "fp8" not in acc.kv_cache_dtypes:
+    if e.kv_cache_dtype.startswith("fp8") and "fp8" not in acc.kv_cache_dtypes:
         raise ConfigError(
             f"engine.kv_cache_dtype {e.kv_cache_dtype} is not available on {acc.name} "
             f"(it has {', '.join(acc.kv_cache_dtypes)})"

@@ -23,17 +23,17 @@ def test_missing_vllm_names_the_install_step():
 
 
 def test_profile_layouts_become_vllm_arguments(monkeypatch):
-    from backends.vllm_engine import vllm_layout_args
+    from backends.vllm_args import layout_args
     from server.config import load_config
 
-    h100 = vllm_layout_args(load_config("nvidia-h100").engine)
+    h100 = layout_args(load_config("nvidia-h100").engine)
     assert h100["distributed_executor_backend"] == "ray"  # 2 nodes: TP 8 inside, PP 2 across
     monkeypatch.setenv("GLM_SERVE_DP_ADDRESS", "10.0.0.1")
-    ascend = vllm_layout_args(load_config("ascend-910b").engine)
+    ascend = layout_args(load_config("ascend-910b").engine)
     assert ascend["quantization"] == "ascend" and ascend["enable_expert_parallel"]
     assert ascend["data_parallel_size"] == 2 and ascend["data_parallel_size_local"] == 1
     assert ascend["data_parallel_address"] == "10.0.0.1"
-    assert vllm_layout_args(load_config("cpu").engine) == {"kv_cache_dtype": "auto"}
+    assert layout_args(load_config("cpu").engine) == {"kv_cache_dtype": "auto"}
     assert h100["block_size"] == load_config("nvidia-h100").engine.block_size
 
 

@@ -40,10 +40,21 @@ def resolve_model_dir(model: str | None, cache: str | None = None) -> Path:
     return ensure_embedded_model(cache_dir(cache))
 
 
+# SmolLM2-135M-Instruct's model card samples with temperature 0.2 and top_p 0.9; at the API's default
+# temperature 1.0 the 135M model rambles. Written into the cache's generation_config.json (the defaults
+# for requests that leave them unset, server/generation_defaults.py).
+EMBEDDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+
 def ensure_embedded_model(root: Path) -> Path:
     target = root / EMBEDDED_NAME
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
+    if not ((target / "model.safetensors").exists() and (target / "config.json").exists()):
+        _convert_embedded(target)
+    _add_recommended_sampling(target / "generation_config.json")  # also into caches written before it was
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -52,7 +63,6 @@ def ensure_embedded_model(root: Path) -> Path:
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     log.info("dequantizing %s into %s (once)", gguf_dir / EMBEDDED_GGUF, target)
     convert_gguf(gguf_dir, EMBEDDED_GGUF, target)
-    return target
 
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
@@ -95,6 +105,14 @@ def iter_safetensors(model_dir: Path, lazy: bool = False) -> Iterator[tuple[str,
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+
+
+def _add_recommended_sampling(path: Path) -> None:
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    if any(key not in gen for key in EMBEDDED_SAMPLING):
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(EMBEDDED_SAMPLING | gen))
+        tmp.replace(path)  # atomic: servers sharing the cache never read half a file
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:

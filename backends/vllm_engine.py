@@ -93,6 +93,7 @@ class VllmEngine:
         self.model_name = served_model_name or ""
         self.max_model_len = 0
         self.tokenizer = None
+        self.model_dir = None
         self._llm = None
         self._stats = _Stats()
         self._live: set[str] = set()
@@ -112,6 +113,7 @@ class VllmEngine:
         cfg = self.config
         model_dir = await asyncio.to_thread(resolve_model_dir, cfg.model, cfg.cache_dir)
         self.model_name = self._served_name or model_dir.name
+        self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if cfg.device == "cpu" and cfg.kv_cache_bytes:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, cfg.kv_cache_bytes >> 30)))

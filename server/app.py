@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.config import ApiKey, Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
 from server.errors import body_too_large, install_error_handlers, unauthorized
+from server.generation_defaults import load_sampling_defaults
 from server.metrics import RequestObserver, ServerMetrics
 from server.routes import chat, completions, health, metrics, models, tokenize, usage
 from server.routes.deps import ServingState
@@ -101,6 +102,16 @@ def _make_lifespan(
     return lifespan
 
 
+def apply_model_settings(serving: ServingState, engine: Engine) -> None:
+    """What the server config says about the model: a replacement chat template, sampling defaults."""
+    server, engine_cfg = serving.config.server, serving.config.engine
+    if server.chat_template and getattr(engine, "tokenizer", None) is not None:
+        path = Path(server.chat_template)
+        engine.tokenizer.chat_template = path.read_text() if path.is_file() else server.chat_template
+    model_dir = getattr(engine, "model_dir", None) or engine_cfg.model
+    serving.sampling_defaults = load_sampling_defaults(engine_cfg.generation_config, model_dir)
+
+
 async def _bring_up(
     serving: ServingState,
     source: EngineSource,
@@ -112,6 +123,7 @@ async def _bring_up(
         if manage_engine:
             await engine.start()
         serving.engine = engine
+        apply_model_settings(serving, engine)
         serving.served_model_name = served_model_name(serving.config, engine)
         serving.metrics.bind(engine, serving.served_model_name)
         serving.ready = True

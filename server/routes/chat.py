@@ -61,13 +61,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     model = check_model(state, body.model)
     check_common_fields(body)
+    if body.tools and body.tool_choice in (None, "auto") and not state.config.server.enable_auto_tool_choice:
+        raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     prompt_text, prompt_ids, tools, template_kwargs = _render_prompt(body, engine)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), engine.max_model_len, "messages")
+    defaults = state.sampling_defaults
+    max_tokens = resolve_max_tokens(
+        requested, len(prompt_ids), engine.max_model_len, "messages", defaults.max_tokens
+    )
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs)
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults)
     decision = admit(state, engine, request)
     overflowed = await serve_overflow(
         state, engine, request, decision, path="chat/completions", prompt_tokens=len(prompt_ids)
@@ -80,7 +85,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text, served_by="local")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     processors = [
-        make_output_processor(engine.tokenizer, prompt_text, tools, template_kwargs) for _ in range(body.n)
+        make_output_processor(
+            engine.tokenizer, prompt_text, tools, template_kwargs, state.config.server.tool_call_parser
+        )
+        for _ in range(body.n)
     ]
     created = int(time.time())
     encoder = ChunkEncoder(request_id, "chat.completion.chunk", created, model)

@@ -102,16 +102,22 @@ def is_glm_template(chat_template: str | None) -> bool:
 
 
 def make_output_processor(
-    tokenizer: Any, prompt_text: str, tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]
+    tokenizer: Any,
+    prompt_text: str,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any],
+    tool_call_parser: str | None = None,
 ) -> OutputProcessor:
     """The output processor for one chat choice: the GLM parser when the model's chat template is a GLM
-    one, else all text is content."""
+    one or a tool-call parser is configured (server.tool_call_parser wins over detection), else all text
+    is content."""
     template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or not is_glm_template(template):
+    is_glm = isinstance(template, str) and is_glm_template(template)
+    if not is_glm and tool_call_parser is None:
         return PassThroughProcessor()
     parser = GlmOutputParser(
         tools=tools,
-        fmt=detect_format(template),
+        fmt=tool_call_parser or detect_format(template),
         starts_in_reasoning=prompt_starts_in_reasoning(prompt_text),
     )
     return GlmProcessor(parser)

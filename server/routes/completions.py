@@ -90,9 +90,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     requests = []
     for i, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(
-            body.max_tokens, len(prompt.token_ids), engine.max_model_len, "prompt"
+            body.max_tokens,
+            len(prompt.token_ids),
+            engine.max_model_len,
+            "prompt",
+            state.sampling_defaults.max_tokens,
         )
-        params = to_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        params = to_sampling_params(
+            body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=state.sampling_defaults
+        )
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
     decision = admit(state, engine, request)

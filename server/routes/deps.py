@@ -13,6 +13,7 @@ from starlette.responses import Response
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.engine_api import Engine
 from server.errors import model_not_found, unavailable
+from server.generation_defaults import NO_DEFAULTS, SamplingDefaults
 from server.metrics import ServerMetrics
 from server.overflow import OVERFLOW_HEADER, Decision, OverflowConfig, Route, decide, local_or_reject
 
@@ -32,6 +33,7 @@ class ServingState:
     log_prompts: bool = False
     overflow: Any = None  # routes/overflow.py OverflowService; None: overflow off
     usage: Any = None  # usage.py UsageRecorder; None: no ledger
+    sampling_defaults: SamplingDefaults = NO_DEFAULTS  # from the model's generation_config.json
 
     @property
     def status(self) -> str:
@@ -73,7 +75,10 @@ def ready_engine(state: ServingState, allow_unhealthy: bool = False) -> Engine:
 
 def check_model(state: ServingState, model: str | None) -> str:
     """The served name; a request may omit the model, but may not name another one."""
-    if model is not None and model != state.served_model_name:
+    if model is not None and model not in (
+        state.served_model_name,
+        *state.config.server.served_model_aliases,
+    ):
         raise model_not_found(model)
     return state.served_model_name
 

@@ -21,4 +21,5 @@ async def list_models(request: Request) -> Response:
         root=str(getattr(engine, "model_dir", None) or state.config.engine.model or engine.model_name),
         max_model_len=engine.max_model_len,
     )
-    return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
+    aliases = [card.model_copy(update={"id": name}) for name in state.config.server.served_model_aliases]
+    return Response(ModelList(data=[card, *aliases]).model_dump_json(), media_type="application/json")

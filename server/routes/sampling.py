@@ -3,7 +3,10 @@ The engine applies what the params say (stop strings, stop token ids, penalties)
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.errors import bad_request
+from server.generation_defaults import NO_DEFAULTS, SamplingDefaults
 from server.protocol import SamplingRequest
 from server.scheduler.request import SamplingParams
 
@@ -23,8 +26,11 @@ def check_common_fields(body: SamplingRequest) -> None:
     stop_strings(body.stop)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
-    """The output budget: what was asked for, or by default all of the context the prompt leaves."""
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str, default: int | None = None
+) -> int:
+    """The output budget: what was asked for, or by default the model's max_new_tokens (`default`) within
+    the context the prompt leaves, else all of that context."""
     if prompt_len == 0:
         raise bad_request("The prompt is empty.", param=prompt_param)
     if prompt_len >= max_model_len:
@@ -35,7 +41,7 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             code="context_length_exceeded",
         )
     if requested is None:
-        return max_model_len - prompt_len
+        return min(default, max_model_len - prompt_len) if default else max_model_len - prompt_len
     if prompt_len + requested > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -47,24 +53,27 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     return requested
 
 
-def to_sampling_params(body: SamplingRequest, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def to_sampling_params(
+    body: SamplingRequest, *, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = NO_DEFAULTS
+) -> SamplingParams:
+    """Fields the request leaves unset take the model's defaults (generation_config.json), then the API's."""
     if body.min_tokens > max_tokens:
         raise bad_request(
             f"min_tokens ({body.min_tokens}) is larger than the completion budget ({max_tokens}).",
             param="min_tokens",
         )
-    top_k = body.top_k if body.top_k is not None else 0
+    top_k = _first(body.top_k, defaults.top_k, 0)
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=_first(body.temperature, defaults.temperature, 1.0),
+        top_p=_first(body.top_p, defaults.top_p, 1.0),
         top_k=0 if top_k < 0 else top_k,
-        min_p=body.min_p or 0.0,
+        min_p=_first(body.min_p, defaults.min_p, 0.0),
         seed=body.seed,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        repetition_penalty=_first(body.repetition_penalty, defaults.repetition_penalty, 1.0),
         stop=stop_strings(body.stop),
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
@@ -72,3 +81,7 @@ def to_sampling_params(body: SamplingRequest, *, max_tokens: int, logprobs: int 
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
     )
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)

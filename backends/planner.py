@@ -96,13 +96,18 @@ def plan(
     mtp: bool = False,
     memory_bytes: int | None = None,
 ) -> PlanResult:
+    """mtp: count the MTP layer; it is also counted when the profile runs MTP speculative decoding."""
+    from backends.vllm_args import uses_mtp
+
     e = cfg.engine
+    mtp = mtp or uses_mtp(cfg)
     dims = resolve(model or e.model)
     layout = Layout(
         e.tensor_parallel_size, e.pipeline_parallel_size, e.data_parallel_size, e.expert_parallel_size
     )
     weight_dtype = e.dtype if e.weight_dtype == "auto" else e.weight_dtype
     kv_dtype = e.dtype if e.kv_cache_dtype == "auto" else e.kv_cache_dtype
+    kv_dtype = "fp8" if kv_dtype.startswith("fp8") else kv_dtype  # fp8_e4m3, fp8_e5m2, fp8_ds_mla: 1 byte
     spec = _accelerator(e)
     capacity = memory_bytes or (spec.memory_bytes if spec else _host_memory())
     budget = int(capacity * e.memory_fraction)

@@ -136,6 +136,12 @@ class VllmEngine:
             self._llm.shutdown()
             self._llm = None
 
+    def prometheus_registry(self) -> Any:
+        """vLLM's own metrics (its PrometheusStatLogger registers them there), merged into /metrics."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return get_prometheus_registry()
+
     def healthy(self) -> bool:
         return self._llm is not None and not self._llm.errored and not self._stopping
 

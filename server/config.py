@@ -40,9 +40,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV blocks of a shared prompt prefix
     tensor_parallel_size: int = 1  # devices each layer is split over (-tp)
     pipeline_parallel_size: int = 1  # stages the layers are split into (-pp; vLLM only)
-    expert_parallel_size: int = (
-        1  # 1, or tp x dp: experts spread over those devices (--enable-expert-parallel)
-    )
+    # 1, or tp x dp: the experts spread over those devices (--enable-expert-parallel)
+    expert_parallel_size: int = 1
     attention_kernel: str = "reference"  # a kernels/ name the device offers; "auto": the backend's choice
     # Hardware layout and weight format, read by the memory planner (backends/planner.py) and validate().
     accelerator: str | None = None  # the card sized for, e.g. h200-141gb (backends/devices); None: the host
@@ -60,12 +59,13 @@ class EngineConfig:
 
 @dataclass(slots=True)
 class ServerConfig:
+    """The HTTP server: address, API keys and roles, limits, chat template and parsers."""
+
     host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 in containers
     port: int = 8000  # HTTP port (vLLM's default)
     served_model_name: str | None = None  # the model id in responses; None: the model directory's name
-    served_model_aliases: list[str] = field(
-        default_factory=list
-    )  # more ids requests may use (vLLM: the names after the first)
+    # more model ids requests may use (vLLM's --served-model-name: the names after the first)
+    served_model_aliases: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)  # accepted bearer keys; none: no authentication
     api_key_file: str | None = None  # one key per line, optionally followed by roles: `sk-... admin`
     # Roles (KEY_ROLES); a key listed here is also a valid key. Sovereign requests never leave this server.
@@ -78,15 +78,11 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     log_prompts: bool = False  # write prompt text to the log (debugging only)
     chat_template: str | None = None  # a Jinja file (or the template text) replacing the tokenizer's
-    tool_call_parser: str | None = (
-        None  # glm45 | glm47 (the tool-call layout); None: detected from the chat template
-    )
-    reasoning_parser: str | None = (
-        None  # glm45 (GLM-4.5 to GLM-5 <think> blocks; always on, as vLLM's recipe sets it)
-    )
-    enable_auto_tool_choice: bool = (
-        True  # tool_choice "auto" allowed; false: only "none" and named tools, as vLLM without the flag
-    )
+    tool_call_parser: str | None = None  # glm45 | glm47 (tool-call layout); None: from the chat template
+    # glm45: the <think> blocks of GLM-4.5 to GLM-5 (always split; also passed to vLLM's engine)
+    reasoning_parser: str | None = None
+    # tool_choice "auto" allowed; false: only "none" and named tools (vLLM without --enable-auto-tool-choice)
+    enable_auto_tool_choice: bool = True
 
 
 @dataclass(slots=True)
@@ -219,8 +215,8 @@ def effective_config(cfg: Config) -> list[tuple[str, Any, str]]:
         section, _, rest = path.partition(".")
         node: Any = {"engine": cfg.engine, "server": cfg.server}.get(section) or cfg.extra.get(section, {})
         for name in rest.split("."):
-            node = getattr(node, name) if not isinstance(node, dict) else node.get(name, _UNSET)
-        if node is _UNSET:
+            node = node.get(name, _UNSET) if isinstance(node, dict) else getattr(node, name, _UNSET)
+        if node is _UNSET:  # a section left to its module's defaults (overflow, usage)
             node = schema.schema()[path].default
         rows.append((path, schema.redacted(path, node), cfg.sources.get(path, schema.DEFAULT)))
     for name, value in cfg.extra.get("vllm", {}).items():

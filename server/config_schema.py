@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def type_name(hint: Any) -> str:
     if isinstance(hint, type) and not typing.get_args(hint):
         return hint.__name__
-    return str(hint).replace("typing.", "").replace("NoneType", "None")
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(hint)).replace("NoneType", "None")
 
 
 # -- reading the sources into one flat {path: (value, source)} map -----------------------------------------

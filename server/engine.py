@@ -153,6 +153,9 @@ class NativeEngine:
         sched = getattr(self, "scheduler", None)
         if sched is not None:
             self._stats["num_preemptions_total"] = float(sched.num_preemptions_total)
+            self._stats["prefix_cache_queries_total"] = float(sched.prefix_cache_queries_total)
+            self._stats["prefix_cache_hits_total"] = float(sched.prefix_cache_hits_total)
+            self._stats["num_kv_blocks"] = float(sched.kv.num_blocks)
         return dict(self._stats)
 
     # --- requests ----------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 (HTTP counts by route and status, the structured access log, the in-flight count that draining waits on).
 
 Gauges and token counters are read from the engine at scrape time (engine.load(), engine.stats());
-latency histograms and finish reasons are observed by the routes as requests run."""
+latency histograms, token-count histograms and finish reasons are observed by the routes as requests run.
+An engine with its own Prometheus registry (vLLM: `engine.prometheus_registry()`) is scraped too: its
+families come first, and ours with the same name are left out, so no name appears twice."""
 
 from __future__ import annotations
 
@@ -100,12 +102,23 @@ class ServerMetrics:
             "1 while the overflow circuit breaker is open or half-open, else 0.",
             registry=r,
         )
+        self.request_prompt_tokens: Histogram | None = None  # made in bind(): buckets need max_model_len
+        self.request_generation_tokens: Histogram | None = None
         r.register(_EngineCollector(self))
 
     def bind(self, engine: Engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
         self._ttft, self._itl = self.ttft.labels(model_name), self.itl.labels(model_name)
         self._e2e, self._queue = self.e2e.labels(model_name), self.queue_time.labels(model_name)
+        if self.request_prompt_tokens is None:  # buckets up to the context length, as vLLM's
+            buckets = token_buckets(engine.max_model_len)
+            self.request_prompt_tokens, self.request_generation_tokens = (
+                Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+                for name, doc in (
+                    ("vllm:request_prompt_tokens", "Number of prefill tokens processed, per request."),
+                    ("vllm:request_generation_tokens", "Number of generation tokens processed, per request."),
+                )
+            )
 
     def observe_first_token(self, ttft_s: float, queue_s: float) -> None:
         self._ttft.observe(max(0.0, ttft_s))
@@ -114,12 +127,50 @@ class ServerMetrics:
     def observe_inter_token(self, seconds: float) -> None:
         self._itl.observe(max(0.0, seconds))
 
-    def observe_finished(self, finish_reason: str, e2e_s: float) -> None:
+    def observe_finished(
+        self,
+        finish_reason: str,
+        e2e_s: float,
+        prompt_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
         self.request_success.labels(self.model_name, finish_reason).inc()
         self._e2e.observe(max(0.0, e2e_s))
+        if self.request_prompt_tokens is not None and prompt_tokens is not None and output_tokens is not None:
+            self.request_prompt_tokens.labels(self.model_name).observe(prompt_tokens)
+            self.request_generation_tokens.labels(self.model_name).observe(output_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        engine_registry = getattr(self.engine, "prometheus_registry", None)
+        if engine_registry is None:
+            return generate_latest(self.registry)
+        return generate_latest(_FirstByName([engine_registry(), self.registry]))
+
+
+def token_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_model_len (vLLM's 1-2-5 token buckets)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max(max_model_len, 1):
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+class _FirstByName:
+    """The families of several registries, each name once: the first registry that has it wins."""
+
+    def __init__(self, registries: list[Any]) -> None:
+        self._registries = registries
+
+    def collect(self):  # -> Iterator[Metric]
+        seen: set[str] = set()
+        for registry in self._registries:
+            for family in registry.collect():
+                if family.name not in seen:
+                    seen.add(family.name)
+                    yield family
 
 
 class _EngineCollector:
@@ -151,11 +202,37 @@ class _EngineCollector:
             "vllm:prompt_tokens": ("Prefill tokens processed.", "prompt_tokens_total"),
             "vllm:generation_tokens": ("Generation tokens produced.", "generation_tokens_total"),
             "vllm:num_preemptions": ("Preemptions by the scheduler.", "num_preemptions_total"),
+            "vllm:prefix_cache_queries": (
+                "Prefix cache queries, in terms of number of queried tokens.",
+                "prefix_cache_queries_total",
+            ),
+            "vllm:prefix_cache_hits": (
+                "Prefix cache hits, in terms of number of cached tokens.",
+                "prefix_cache_hits_total",
+            ),
         }
         for name, (doc, key) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric(labels, float(stats.get(key, 0.0)))
             yield family
+        yield _cache_config_info(engine, stats)
+
+
+def _cache_config_info(engine: Engine, stats: dict[str, float]) -> GaugeMetricFamily:
+    """vLLM's information gauge (value 1) whose labels carry the KV-cache configuration."""
+    config = getattr(engine, "config", None)
+    info = {
+        "block_size": getattr(config, "block_size", ""),
+        "cache_dtype": getattr(config, "kv_cache_dtype", ""),
+        "enable_prefix_caching": getattr(config, "enable_prefix_caching", ""),
+        "gpu_memory_utilization": getattr(config, "memory_fraction", ""),
+        "num_gpu_blocks": int(stats["num_kv_blocks"]) if "num_kv_blocks" in stats else "",
+    }
+    family = GaugeMetricFamily(
+        "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=list(info)
+    )
+    family.add_metric([str(v) for v in info.values()], 1.0)
+    return family
 
 
 class UsageSink(Protocol):

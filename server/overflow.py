@@ -43,16 +43,16 @@ class Triggers:
     queue_waiting: int | None = None  # overflow when num_waiting >= this
     est_wait_s: float | None = None  # overflow when the estimated queue wait > this
     kv_usage: float | None = None  # overflow when KV usage (0..1) > this
-    unhealthy: bool = True
+    unhealthy: bool = True  # overflow while the local engine is unhealthy
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    connect_timeout_s: float = 2.0
+    connect_timeout_s: float = 2.0  # TCP + TLS connect to the upstream
     first_byte_timeout_s: float = 20.0  # the first body byte comes within connect_timeout_s + this
     idle_timeout_s: float = 60.0  # between body chunks after the first byte
     retries: int = 1  # extra attempts, only before the first byte
-    retry_backoff_s: float = 0.2
+    retry_backoff_s: float = 0.2  # before the first retry; doubles per retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +63,10 @@ class BreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class OverflowConfig:
-    enabled: bool = False
-    base_url: str = HOLYSHEEP_BASE_URL
+    """Overflow to an OpenAI-compatible upstream (HolySheep) when this deployment is saturated or unhealthy."""
+
+    enabled: bool = False  # off: nothing leaves this host
+    base_url: str = HOLYSHEEP_BASE_URL  # the upstream's OpenAI-compatible API
     api_key_env: str = "HOLYSHEEP_API_KEY"  # the environment variable holding the upstream key
     models: dict[str, str] = field(default_factory=dict)  # local model id -> upstream model id
     triggers: Triggers = field(default_factory=Triggers)

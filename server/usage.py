@@ -67,11 +67,14 @@ def canonical_model(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class UsageConfig:
-    enabled: bool = True
+    """The usage ledger: one row per completion request, with tokens, latency and cost."""
+
+    enabled: bool = True  # write the ledger
     path: str = "usage.sqlite"  # relative: under the state directory (state_dir())
     batch_size: int = 64  # rows per commit at most
     gpu_hour_usd: float | None = None  # the deployment's $ per device-hour; None: local cost not estimated
-    prices_as_of: str = PRICES_AS_OF
+    prices_as_of: str = PRICES_AS_OF  # when the price table was checked
+    # model -> {holysheep|official: {input, output}} in $ per million tokens, merged over DEFAULT_PRICES
     prices: dict[str, dict[str, Price]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     def price(self, backend: str, *models: str | None) -> Price | None:

@@ -96,7 +96,8 @@ def test_glm5_bf16_does_not_fit_8_h100():
         {"engine.nodes": 1, "engine.pipeline_parallel_size": 1, "engine.weight_dtype": "bfloat16"},
     )
     result = check_fits(cfg, "GLM-5")
-    assert not result.fits and "weights need 189.7 GB per device" in result.reason
+    # 189.7 GB of the model + 2.5 GB of its MTP layer, which the profile's MTP speculative decoding loads
+    assert result.mtp_loaded and not result.fits and "weights need 192.2 GB per device" in result.reason
     assert result.suggestion.startswith("32 x h100-80gb (tp 8 x pp 4")
 
 
@@ -217,3 +218,10 @@ def test_parameter_formulas_match_transformers_models():
         expected = sum(p.numel() for p in model.parameters())
         expected += sum(b.numel() for name, b in model.named_buffers() if name in stored)
         assert param_count(from_config(config.to_dict(), config.model_type)) == expected, config.model_type
+
+
+def test_the_mtp_layer_is_counted_only_with_mtp_speculative_decoding():
+    with_mtp = check_fits(load_config("nvidia-h200"), "GLM-5")
+    without = check_fits(load_config("nvidia-h200", {"vllm.speculative_config": {"method": "ngram"}}), "GLM-5")
+    assert with_mtp.mtp_loaded and not without.mtp_loaded
+    assert with_mtp.weight_bytes_per_device > without.weight_bytes_per_device

@@ -128,7 +128,9 @@ class Generation:
         self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], delta.num_cached_tokens)
         if delta.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
-            self.metrics.observe_finished(delta.finish_reason, now - choice.arrival)
+            self.metrics.observe_finished(
+                delta.finish_reason, now - choice.arrival, delta.num_prompt_tokens, choice.num_output_tokens
+            )
 
     # -- results --------------------------------------------------------------------------------------
     def usage(self) -> Usage:

@@ -55,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests go back to the front
         self.running: list[Request] = []  # oldest first
         self.num_preemptions_total = 0
+        self.prefix_cache_queries_total = 0  # prompt tokens looked up in the prefix cache (first schedule)
+        self.prefix_cache_hits_total = 0  # of those, tokens found cached
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._refused: list[Request] = []  # finished in add(), reported by the next schedule()
 
@@ -174,6 +176,9 @@ class Scheduler:
             self.waiting.popleft()
             if request.num_preemptions == 0:  # first schedule: what the prefix cache saved
                 request.num_cached_tokens = num_computed
+                if kv.enable_prefix_caching:
+                    self.prefix_cache_queries_total += request.num_tokens
+                    self.prefix_cache_hits_total += num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new, block_ids))

@@ -38,4 +38,6 @@ def test_each_family_once_with_prefix_cache_and_token_histograms(server, client)
     assert metric_value(text, "vllm:num_preemptions_total") is not None
     info = next(line for line in text.splitlines() if line.startswith("vllm:cache_config_info{"))
     assert 'block_size="' in info and 'enable_prefix_caching="True"' in info and info.endswith(" 1.0")
-    assert metric_value(text, "glm_serve:http_requests_total", route="/v1/chat/completions", status="200") >= 2
+    assert (
+        metric_value(text, "glm_serve:http_requests_total", route="/v1/chat/completions", status="200") >= 2
+    )

@@ -222,6 +222,8 @@ def test_parameter_formulas_match_transformers_models():
 
 def test_the_mtp_layer_is_counted_only_with_mtp_speculative_decoding():
     with_mtp = check_fits(load_config("nvidia-h200"), "GLM-5")
-    without = check_fits(load_config("nvidia-h200", {"vllm.speculative_config": {"method": "ngram"}}), "GLM-5")
+    without = check_fits(
+        load_config("nvidia-h200", {"vllm.speculative_config": {"method": "ngram"}}), "GLM-5"
+    )
     assert with_mtp.mtp_loaded and not without.mtp_loaded
     assert with_mtp.weight_bytes_per_device > without.weight_bytes_per_device

@@ -47,7 +47,7 @@ venv-vllm: $(VLLM_STAMP)
 # The HTTP suite against vLLM's engine (same tests as against the native engine).
 test-vllm: $(VLLM_STAMP)
 	GLM_SERVE_TEST_ENGINE=backends.vllm_engine:VllmEngine GLM_SERVE_VLLM_EAGER=1 \
-		$(VLLM_VENV)/bin/python -m pytest tests/test_http_*.py tests/test_vllm_engine.py
+		$(VLLM_VENV)/bin/python -m pytest tests/test_http_*.py tests/test_vllm_*.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/offline_throughput.py

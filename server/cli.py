@@ -202,14 +202,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         configure_logging("info")
         return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]))
-    parser = build_parser()
-    args, extra = parser.parse_known_args(bind_unknown_values(expand_dotted(argv), _option_strings(parser)))
-    if extra and args.command not in ("serve", "config"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args, extra = parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"))
     if args.command in ("serve", "config"):
         return int(args.func(args, extra))
     return int(args.func(args))
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The subcommand's arguments, and (serve, config) the leftover vLLM engine-arg flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(bind_unknown_values(expand_dotted(argv), _option_strings(parser)))
+    if extra and args.command not in ("serve", "config"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args, extra
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:

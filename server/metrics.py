@@ -111,7 +111,8 @@ class ServerMetrics:
         self._ttft, self._itl = self.ttft.labels(model_name), self.itl.labels(model_name)
         self._e2e, self._queue = self.e2e.labels(model_name), self.queue_time.labels(model_name)
         if self.request_prompt_tokens is None:  # buckets up to the context length, as vLLM's
-            buckets = token_buckets(engine.max_model_len)
+            context = getattr(engine, "max_model_len", 0) or 2**20  # test doubles may not say
+            buckets = token_buckets(context)
             self.request_prompt_tokens, self.request_generation_tokens = (
                 Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
                 for name, doc in (

@@ -42,8 +42,8 @@ def resolve_model_dir(model: str | None, cache: str | None = None) -> Path:
 
 # SmolLM2-135M-Instruct's model card samples with temperature 0.2 and top_p 0.9; at the API's default
 # temperature 1.0 the 135M model rambles. Written into the cache's generation_config.json (the defaults
-# for requests that leave them unset, server/generation_defaults.py).
-EMBEDDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+# for requests that leave them unset, server/generation_defaults.py); do_sample, or transformers warns.
+EMBEDDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def ensure_embedded_model(root: Path) -> Path:

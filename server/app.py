@@ -24,7 +24,7 @@ from server.engine_api import Engine
 from server.errors import body_too_large, install_error_handlers, unauthorized
 from server.generation_defaults import load_sampling_defaults
 from server.metrics import RequestObserver, ServerMetrics
-from server.routes import chat, completions, health, metrics, models, tokenize, usage
+from server.routes import chat, completions, health, messages, metrics, models, responses, tokenize, usage
 from server.routes.deps import ServingState
 from server.routes.overflow import OverflowService
 from server.usage import UsageRecorder
@@ -56,7 +56,7 @@ def create_app(
     )
     app.state.serving = serving
     install_error_handlers(app)
-    routers = (chat, completions, models, tokenize, health, metrics, usage)
+    routers = (chat, completions, messages, responses, models, tokenize, health, metrics, usage)
     for module in routers:
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
@@ -163,8 +163,8 @@ def load_api_keys(server: ServerConfig) -> dict[bytes, ApiKey]:
 
 
 class ApiKeyCheck:
-    """401 unless 'Authorization: Bearer <key>' matches a configured key (compared in constant time,
-    against every key). /health and /version stay open; /metrics is open unless protect_metrics. The
+    """401 unless 'Authorization: Bearer <key>' (or Anthropic's 'x-api-key: <key>') matches a configured
+    key (compared in constant time, against every key). /health and /version stay open; /metrics is open unless protect_metrics. The
     matched key's roles (ApiKey) go to scope["state"]["api_key"] for admission and the usage ledger."""
 
     def __init__(self, app: ASGIApp, *, keys: dict[bytes, ApiKey], protect_metrics: bool) -> None:
@@ -178,7 +178,7 @@ class ApiKeyCheck:
             return
         key = self._match(scope)
         if key is None:
-            await unauthorized().response()(scope, receive, send)
+            await unauthorized().response(scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
@@ -187,7 +187,7 @@ class ApiKeyCheck:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, presented = header.partition(b" ")
         if scheme.lower() != b"bearer":
-            presented = b""
+            presented = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
         presented = presented.strip()
         matched = None
         for key, roles in self.keys.items():
@@ -215,7 +215,7 @@ class BodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await body_too_large(self.limit).response()(scope, receive, send)
+            await body_too_large(self.limit).response(scope["path"])(scope, receive, send)
             return
         received = 0
 

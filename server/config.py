@@ -98,7 +98,7 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)  # dotted key -> where its value came from
 
 
-_EXTRA_SECTIONS = ("overflow", "usage", "vllm", "notes")
+_EXTRA_SECTIONS = ("overflow", "usage", "vllm", "notes", "agent_apis")
 KEY_ROLES = ("sovereign", "force_overflow", "admin")
 
 
@@ -256,8 +256,9 @@ REASONING_PARSERS = ("glm45",)  # <think> blocks of GLM-4.5 to GLM-5 (vLLM's nam
 
 
 def _validate_sections(cfg: Config) -> None:
-    """The server's parser names, the vllm section, and the overflow and usage sections, parsed by their own
+    """The server's parser names, the vllm section, and the overflow, usage and agent_apis sections, parsed by their own
     modules (imported here: they import this one)."""
+    from server.agent_apis import parse_agent_apis_config
     from server.overflow import parse_overflow_config
     from server.usage import parse_usage_config
 
@@ -282,6 +283,7 @@ def _validate_sections(cfg: Config) -> None:
 
     parse_overflow_config(cfg.extra.get("overflow"))
     parse_usage_config(cfg.extra.get("usage"))
+    parse_agent_apis_config(cfg.extra.get("agent_apis"))
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

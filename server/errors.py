@@ -1,4 +1,5 @@
-"""Every error leaves the server as OpenAI's error object: {"error": {"message", "type", "param", "code"}}.
+"""Every error leaves the server as OpenAI's error object: {"error": {"message", "type", "param", "code"}},
+except under /v1/messages, where it is Anthropic's: {"type": "error", "error": {"type", "message"}}.
 
 Routes raise APIError (or one of the helpers below); FastAPI's validation errors are answered 400, not
 422; unknown routes 404; anything unexpected 500 with the detail in the log, never in the body."""
@@ -49,8 +50,32 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        error_type = _ANTHROPIC_TYPE_BY_STATUS.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": error_type, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as JSON, in the shape of the API that `path` belongs to."""
+        body = self.anthropic_body() if is_anthropic_path(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def error_body(
@@ -70,7 +95,7 @@ def model_not_found(model: str) -> APIError:
 def unauthorized() -> APIError:
     return APIError(
         401,
-        "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+        "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         code="invalid_api_key",
         headers={"WWW-Authenticate": "Bearer"},
     )
@@ -122,20 +147,20 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for {where}: {message}.", param=param, code="invalid_value")
 
 
-async def _on_api_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return exc.response(request.url.path)
 
 
-async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return validation_error_to_api_error(exc).response()
+    return validation_error_to_api_error(exc).response(request.url.path)
 
 
-async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc, APIError):  # pragma: no cover - APIError is not an HTTPException
-        return exc.response()
+        return exc.response(request.url.path)
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
     if exc.status_code == 404:
         message = "Not found. The routes are /v1/chat/completions, /v1/completions, /v1/models and friends."
@@ -143,7 +168,7 @@ async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
     error = APIError(
         exc.status_code, message, code=codes.get(exc.status_code), headers=getattr(exc, "headers", None)
     )
-    return error.response()
+    return error.response(request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

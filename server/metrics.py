@@ -310,7 +310,7 @@ class RequestObserver:
             log.exception("unhandled error in %s %s (request id %s)", scope["method"], path, request_id)
             status = 500
             if not response_started:
-                await internal_error(request_id).response()(scope, receive, send)
+                await internal_error(request_id).response(path)(scope, receive, send)
         finally:
             self.serving.in_flight -= counted
             status = access.pop("status", status)

@@ -211,6 +211,10 @@ class SseRewriter:
             out.append(self._event(event))
         return b"".join(out)
 
+    def failure(self, error: APIError) -> tuple[bytes, ...]:
+        """The end of a stream the upstream broke: an error event and [DONE]."""
+        return error_event(error, self.request_id), SSE_DONE
+
     def _event(self, event: bytes) -> bytes:
         lines = []
         for line in event.split(b"\n"):
@@ -260,8 +264,8 @@ async def stream_events(opened: Opened, rewriter: SseRewriter, idle_timeout_s: f
             raise UpstreamError("the stream ended before [DONE]", retryable=False, breaker=True)
     except UpstreamError as exc:
         rewriter.tally.ended = "error"
-        yield error_event(exc.api_error(), rewriter.request_id)
-        yield SSE_DONE
+        for chunk in rewriter.failure(exc.api_error()):
+            yield chunk
 
 
 class UpstreamStream(StreamingResponse):

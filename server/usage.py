@@ -32,7 +32,7 @@ from typing import Any
 from server.config import ANONYMOUS_KEY, Config, ConfigError
 
 log = logging.getLogger("glm_serve.usage")
-METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
 BACKENDS = ("local", "holysheep")
 PRICE_BACKENDS = ("holysheep", "official")
 

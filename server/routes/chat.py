@@ -36,10 +36,11 @@ from server.routes.chat_output import (
     chat_logprobs,
     make_output_processor,
 )
-from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
+from server.routes.deps import ServingState, admit, check_model, get_state, ready_engine, serve_overflow
 from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
+from server.scheduler.request import SamplingParams
 
 router = APIRouter()
 
@@ -60,41 +61,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     model = check_model(state, body.model)
-    check_common_fields(body)
-    if body.tools and body.tool_choice in (None, "auto") and not state.config.server.enable_auto_tool_choice:
-        raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
-    if body.top_logprobs is not None and not body.logprobs:
-        raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-    prompt_text, prompt_ids, tools, template_kwargs = _render_prompt(body, engine)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    defaults = state.sampling_defaults
-    max_tokens = resolve_max_tokens(
-        requested, len(prompt_ids), engine.max_model_len, "messages", defaults.max_tokens
-    )
-    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults)
+    prepared = prepare_chat(body, engine, state)
     decision = admit(state, engine, request)
     overflowed = await serve_overflow(
-        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prompt_ids)
+        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prepared.prompt_ids)
     )
     if overflowed is not None:
         return overflowed
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     access = request.scope.setdefault("state", {}).setdefault("access", {})
-    access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text, served_by="local")
+    access.update(
+        id=request_id, model=model, stream=body.stream, prompt=prepared.prompt_text, served_by="local"
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    processors = [
-        make_output_processor(
-            engine.tokenizer, prompt_text, tools, template_kwargs, state.config.server.tool_call_parser
-        )
-        for _ in range(body.n)
-    ]
+    processors = [prepared.output_processor(engine, state) for _ in range(body.n)]
     created = int(time.time())
     encoder = ChunkEncoder(request_id, "chat.completion.chunk", created, model)
-    context = ChatContext(request_id, created, model, top_logprobs, include_usage, processors, encoder)
+    context = ChatContext(
+        request_id, created, model, prepared.top_logprobs, include_usage, processors, encoder
+    )
     generate_request = GenerateRequest(
-        request_id, prompt_ids, params, n=body.n, arrival_time=time.monotonic()
+        request_id, prepared.prompt_ids, prepared.params, n=body.n, arrival_time=time.monotonic()
     )
     generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
     return await respond(
@@ -103,7 +91,44 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )  # fmt: skip
 
 
-def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None, dict]:
+@dataclass(slots=True)
+class PreparedChat:
+    """A chat request checked and rendered: what the engine gets and what the output parsers need. The
+    Anthropic and Responses routes translate their requests into a ChatCompletionRequest and share this."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    tools: list[dict[str, Any]] | None
+    template_kwargs: dict[str, Any]
+    top_logprobs: int | None  # None: no logprobs requested
+    params: SamplingParams
+
+    def output_processor(self, engine: Engine, state: ServingState) -> OutputProcessor:
+        return make_output_processor(
+            engine.tokenizer, self.prompt_text, self.tools, self.template_kwargs,
+            state.config.server.tool_call_parser,
+        )  # fmt: skip
+
+
+def prepare_chat(body: ChatCompletionRequest, engine: Engine, state: ServingState) -> PreparedChat:
+    """Cross-field checks, the chat template, the output budget and the sampling params (400 on bad input)."""
+    check_common_fields(body)
+    if body.tools and body.tool_choice in (None, "auto") and not state.config.server.enable_auto_tool_choice:
+        raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    prompt_text, prompt_ids, tools, template_kwargs = render_prompt(body, engine)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    defaults = state.sampling_defaults
+    max_tokens = resolve_max_tokens(
+        requested, len(prompt_ids), engine.max_model_len, "messages", defaults.max_tokens
+    )
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults)
+    return PreparedChat(prompt_text, prompt_ids, tools, template_kwargs, top_logprobs, params)
+
+
+def render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None, dict]:
     messages = normalize_messages(body.messages)
     add_json_object_hint(messages, body.response_format)
     tools = select_tools(body.tools, body.tool_choice)
@@ -120,7 +145,7 @@ def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, li
     )
 
 
-def _finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:
+def chat_finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:
     if engine_reason == "stop" and has_tool_calls:
         return "tool_calls"
     return engine_reason
@@ -146,7 +171,7 @@ async def _complete(context: ChatContext, generation: Generation) -> Response:
                 index=i,
                 message=final,
                 logprobs=ChatLogprobs(content=logprobs[i]) if context.top_logprobs is not None else None,
-                finish_reason=_finish_reason(state.finish_reason, bool(final.tool_calls)),
+                finish_reason=chat_finish_reason(state.finish_reason, bool(final.tool_calls)),
                 stop_reason=state.stop_reason,
             )
         )
@@ -191,7 +216,7 @@ def _stream_choice(context: ChatContext, delta: Delta, called_tools: list[bool])
         "index": delta.index,
         "delta": message.to_stream_delta(),
         "logprobs": logprobs,
-        "finish_reason": _finish_reason(delta.finish_reason, called_tools[delta.index]),
+        "finish_reason": chat_finish_reason(delta.finish_reason, called_tools[delta.index]),
     }
     if delta.finished:
         choice["stop_reason"] = delta.stop_reason

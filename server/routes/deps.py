@@ -118,14 +118,18 @@ async def serve_overflow(
     *,
     path: str,
     prompt_tokens: int,
+    id_prefix: str | None = None,
+    body: dict[str, Any] | None = None,
+    translation: Any = None,
 ) -> Response | None:
     """The overflow upstream's answer when the decision says overflow and the upstream delivers; None:
-    serve locally (a 503 is raised when the fallback finds the local queue full)."""
+    serve locally (a 503 is raised when the fallback finds the local queue full). body and translation:
+    see OverflowService.serve (the Anthropic and Responses routes send their chat translation)."""
     if decision.route is not Route.OVERFLOW:
         return None
     limit = state.config.server.max_queued_requests
     return await state.overflow.serve(
         request, decision, model=state.served_model_name, path=path,
-        id_prefix="chatcmpl" if path.startswith("chat") else "cmpl", prompt_tokens=prompt_tokens,
-        local=lambda: local_or_reject(engine.load(), engine.healthy(), limit),
+        id_prefix=id_prefix or ("chatcmpl" if path.startswith("chat") else "cmpl"), prompt_tokens=prompt_tokens,
+        local=lambda: local_or_reject(engine.load(), engine.healthy(), limit), body=body, translation=translation,
     )  # fmt: skip

@@ -83,11 +83,15 @@ class OverflowService:
         id_prefix: str,
         prompt_tokens: int,
         local: Callable[[], Decision],
+        body: dict[str, Any] | None = None,
+        translation: Any = None,
     ) -> Response | None:
         """The upstream's answer, or None: serve locally (the fallback). `local` re-checks the local
-        queue for the fallback; when it rejects, its 503 is raised."""
+        queue for the fallback; when it rejects, its 503 is raised. `body` is the chat body to send (by
+        default the request's own); a `translation` (routes/translated_upstream.py) turns the upstream's
+        chat answer into another API's."""
         access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
-        body = dict(await request.json())
+        body = dict(body if body is not None else await request.json())
         stream = bool(body.get("stream"))
         stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         include_usage = stream and bool(stream_options.get("include_usage"))
@@ -122,7 +126,8 @@ class OverflowService:
         headers = {"X-Request-Id": request_id}
         idle_timeout = self.policy.upstream.idle_timeout_s
         if stream:
-            rewriter = SseRewriter(model, request_id, include_usage, tally)
+            make_rewriter = translation.rewriter if translation is not None else SseRewriter
+            rewriter = make_rewriter(model, request_id, include_usage, tally)
 
             def on_close() -> None:
                 if tally.ended is None and not rewriter.done:
@@ -132,7 +137,8 @@ class OverflowService:
                 access.update(tally.access_fields())
 
             return UpstreamStream(stream_events(opened, rewriter, idle_timeout), opened, on_close, headers)
-        return await self._complete(request, opened, tally, access, model, request_id, idle_timeout)
+        rewrite = translation.rewrite_json if translation is not None else rewrite_json
+        return await self._complete(request, opened, tally, access, model, request_id, idle_timeout, rewrite)
 
     async def _complete(
         self,
@@ -143,17 +149,18 @@ class OverflowService:
         model: str,
         request_id: str,
         idle: float,
+        rewrite: Callable[[bytes, str, str, Tally], Response],
     ) -> Response:
         try:
             raw = await until_disconnected(request, read_body(opened, idle))
-            response = rewrite_json(raw, model, request_id, tally)
+            response = rewrite(raw, model, request_id, tally)
         except ClientDisconnected:
             tally.ended = "abort"
             access["status"] = 499
             response = Response(status_code=499)
         except UpstreamError as exc:
             tally.ended = "error"
-            response = exc.api_error().response()
+            response = exc.api_error().response(request.url.path)
         finally:
             await opened.aclose()
         if tally.ended == "error":

@@ -44,8 +44,14 @@ class ChunkEncoder:
 
 def error_event(exc: BaseException, request_id: str) -> bytes:
     """The event for an error after the stream started (the caller then sends [DONE]): the OpenAI error
-    object; an unexpected exception is logged and reported without its detail."""
+    object."""
+    return b"data: " + _dumps(stream_error(exc, request_id).body()) + b"\n\n"
+
+
+def stream_error(exc: BaseException, request_id: str) -> APIError:
+    """What a client is told of an error after its stream started: an unexpected exception is logged and
+    reported without its detail."""
     if not isinstance(exc, APIError):
         log.error("request %s failed mid-stream", request_id, exc_info=exc)
-        exc = internal_error(request_id)
-    return b"data: " + _dumps(exc.body()) + b"\n\n"
+        return internal_error(request_id)
+    return exc

@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from server.errors import APIError, internal_error
+from server.errors import APIError, internal_error, tracebacks
 from server.protocol import Usage
 
 log = logging.getLogger("glm_serve.sse")
@@ -46,6 +46,6 @@ def error_event(exc: BaseException, request_id: str) -> bytes:
     """The event for an error after the stream started (the caller then sends [DONE]): the OpenAI error
     object; an unexpected exception is logged and reported without its detail."""
     if not isinstance(exc, APIError):
-        log.error("request %s failed mid-stream", request_id, exc_info=exc)
+        tracebacks.log(log, exc, "request %s failed mid-stream", request_id)
         exc = internal_error(request_id)
     return b"data: " + _dumps(exc.body()) + b"\n\n"

@@ -16,8 +16,6 @@ from server.engine_api import Engine
 from server.errors import bad_request, model_not_found, unavailable
 from server.frontend_pool import FrontendPool
 from server.generation_defaults import NO_DEFAULTS, SamplingDefaults
-from server.errors import bad_request, model_not_found, unavailable
-from server.frontend_pool import FrontendPool
 from server.metrics import ServerMetrics
 from server.overflow import (
     OVERFLOW_HEADER,

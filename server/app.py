@@ -2,8 +2,8 @@
 
 The engine comes up in the background (so /health answers 503 while it loads) and goes down after a
 drain: stop admitting, let in-flight requests finish within drain_timeout_s, then engine.shutdown().
-Around the routes: the request observer (metrics, access log, in-flight count), API-key checks, and the
-body-size limit."""
+Around the routes: the request observer (metrics, access log), API-key checks, and the request guard
+(bodies read whole within a deadline and a size limit, in-flight and per-key limits: server/http_guard.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import ApiKey, Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
-from server.errors import body_too_large, install_error_handlers, unauthorized
+from server.errors import install_error_handlers, unauthorized
+from server.frontend_pool import FrontendPool
 from server.generation_defaults import load_sampling_defaults
+from server.http_guard import GuardLimits, RequestGuard
 from server.metrics import RequestObserver, ServerMetrics
 from server.routes import chat, completions, health, messages, metrics, models, responses, tokenize, usage
 from server.routes.deps import ServingState
@@ -47,6 +48,7 @@ def create_app(
     serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
     serving.usage = UsageRecorder.from_config(config)
     serving.overflow = OverflowService.from_config(config, serving.metrics)
+    serving.pool = FrontendPool(config.server.frontend_workers, config.server.frontend_max_queued)
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",
@@ -59,7 +61,7 @@ def create_app(
     routers = (chat, completions, messages, responses, models, tokenize, health, metrics, usage)
     for module in routers:
         app.include_router(module.router)
-    app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
+    app.add_middleware(RequestGuard, serving=serving, limits=GuardLimits.from_server(config.server))
     app.add_middleware(
         ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
     )
@@ -68,6 +70,14 @@ def create_app(
         RequestObserver, metrics=serving.metrics, serving=serving, route_paths=paths, usage=serving.usage
     )
     return app
+
+
+def uvicorn_limits(server: ServerConfig) -> dict[str, int]:
+    """uvicorn.Config options that bound connections and headers (the guard bounds bodies)."""
+    return {
+        "limit_concurrency": server.max_connections,
+        "h11_max_incomplete_event_size": server.max_header_bytes,
+    }
 
 
 def served_model_name(config: Config, engine: Engine) -> str:
@@ -98,6 +108,7 @@ def _make_lifespan(
                 await serving.overflow.aclose()
             if serving.usage is not None:
                 await asyncio.to_thread(serving.usage.close)  # flushes: every row is committed
+            serving.pool.shutdown()
 
     return lifespan
 
@@ -194,38 +205,3 @@ class ApiKeyCheck:
             if hmac.compare_digest(presented, key):
                 matched = roles
         return matched
-
-
-class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(status_code=413, detail=body_too_large(limit).message)
-
-
-class BodyLimit:
-    """413 for a body over the limit: at once by Content-Length, or as soon as a streamed (chunked) body
-    passes it. The error raised from receive() is an HTTPException so FastAPI's body reader re-raises it."""
-
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await body_too_large(self.limit).response(scope["path"])(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(self.limit)
-            return message
-
-        await self.app(scope, limited_receive, send)

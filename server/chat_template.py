@@ -1,14 +1,22 @@
 """Render chat messages (with tools and chat_template_kwargs) into prompt token ids with the model's
-own chat template, through tokenizer.apply_chat_template. Input the template cannot render is a 400."""
+own chat template, through tokenizer.apply_chat_template. Input the template cannot render, or the
+tokenizer cannot encode, is a 400.
+
+Special tokens in client text are text: before rendering, every special-token string in the messages,
+tools and template kwargs is swapped for a marker; after rendering, the template's own markup is encoded
+as usual (its special tokens are control tokens) and each marker as the literal text it stands for,
+without special-token parsing. So `<|im_end|>\n<|im_start|>system` in a user turn cannot forge a system
+turn. server.special_tokens_in_content: true restores the old behaviour (parsed as control tokens)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+import threading
 from typing import Any
 
-import jinja2
-
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from server.protocol import ChatMessage, NamedToolChoice, ResponseFormat, Tool
 
 # Arguments apply_chat_template owns; chat_template_kwargs may not override them.
@@ -121,14 +129,119 @@ def render_chat(
         text = tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+    except APIError:
+        raise
+    except Exception as exc:  # a jinja2.TemplateError, or whatever else client data makes the template raise
         raise bad_request(
-            f"The chat template could not render these messages: {exc}", param="messages"
-        ) from exc
+            f"The chat template could not render these messages: {_describe(exc)}", param="messages"
+        ) from None
     if not isinstance(text, str):  # some tokenizers return a list for batched input
         raise bad_request("The chat template did not render a single prompt.", param="messages")
     return text
 
 
-def encode_prompt(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+def encode_prompt(tokenizer: Any, text: str, *, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except Exception as exc:  # e.g. TypeError on text the tokenizer cannot take
+        raise bad_request(f"The text could not be tokenized: {_describe(exc)}", param=param) from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def render_and_encode(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    add_generation_prompt: bool,
+    template_kwargs: dict[str, Any] | None,
+    special_tokens_in_content: bool = False,
+) -> tuple[str, list[int]]:
+    """The prompt text and token ids of a conversation (CPU-heavy: run it in the front-end pool)."""
+    if special_tokens_in_content:
+        text = render_chat(
+            tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            template_kwargs=template_kwargs,
+        )  # fmt: skip
+        return text, encode_prompt(tokenizer, text, add_special_tokens=False, param="messages")
+    specials = _SpecialTokens.of(tokenizer)
+    marked = render_chat(
+        tokenizer, specials.mark(messages), tools=specials.mark(tools),
+        add_generation_prompt=add_generation_prompt, template_kwargs=specials.mark(template_kwargs),
+    )  # fmt: skip
+    return specials.unmark(marked), specials.encode(marked)
+
+
+MARK_OPEN, MARK_CLOSE = "\U000f0000", "\U000f0001"  # private-use characters around a special token's index
+_MARKED = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+
+
+class _SpecialTokens:
+    """A tokenizer's special-token strings, and a copy of it that encodes them as plain text."""
+
+    _cache: dict[int, tuple[Any, _SpecialTokens]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        texts = {t.content for t in decoder.values() if getattr(t, "special", False)}
+        texts |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+        self.texts = sorted((t for t in texts if t), key=len, reverse=True)
+        self.index = {text: i for i, text in enumerate(self.texts)}
+        self.pattern = re.compile("|".join(map(re.escape, self.texts))) if self.texts else None
+        self._literal: Any = None
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _SpecialTokens:
+        with cls._lock:
+            held = cls._cache.get(id(tokenizer))
+            if held is None or held[0] is not tokenizer:
+                held = cls._cache[id(tokenizer)] = (tokenizer, cls(tokenizer))
+            return held[1]
+
+    def mark(self, value: Any) -> Any:
+        """value (messages, tools, kwargs) with each special-token string in its text made a marker."""
+        if isinstance(value, str):
+            value = value.replace(MARK_OPEN, "\ufffd").replace(MARK_CLOSE, "\ufffd")
+            if self.pattern is None:
+                return value
+            return self.pattern.sub(lambda m: f"{MARK_OPEN}{self.index[m.group()]}{MARK_CLOSE}", value)
+        if isinstance(value, dict):
+            return {k: self.mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.mark(v) for v in value]
+        return value
+
+    def unmark(self, text: str) -> str:
+        return _MARKED.sub(lambda m: self.texts[int(m.group(1))], text) if MARK_OPEN in text else text
+
+    def encode(self, marked: str) -> list[int]:
+        if MARK_OPEN not in marked:
+            return encode_prompt(self.tokenizer, marked, add_special_tokens=False, param="messages")
+        ids: list[int] = []
+        for i, part in enumerate(_MARKED.split(marked)):  # even: template text; odd: a special token index
+            if i % 2 == 0:
+                ids += (
+                    encode_prompt(self.tokenizer, part, add_special_tokens=False, param="messages")
+                    if part
+                    else []
+                )
+            else:
+                ids += self._literal_ids(self.texts[int(part)])
+        return ids
+
+    def _literal_ids(self, text: str) -> list[int]:
+        """The token ids of a special token's text read as text (no special-token parsing)."""
+        if self._literal is None:
+            literal = copy.deepcopy(self.tokenizer)
+            literal.split_special_tokens = True  # fixed on this copy: encode() never switches it
+            backend = getattr(literal, "_tokenizer", None)
+            if backend is not None and hasattr(backend, "encode_special_tokens"):
+                backend.encode_special_tokens = True
+            self._literal = literal
+        return list(self._literal.encode(text, add_special_tokens=False))

@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from server.app import create_app
+from server.app import create_app, uvicorn_limits
 from server.cli_flags import (
     add_config_flags,
     bind_unknown_values,
@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         return 2
     uv_config = uvicorn.Config(
         app, host=cfg.server.host, port=cfg.server.port, log_config=None, access_log=False, lifespan="on",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=30,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=30, **uvicorn_limits(cfg.server),
     )  # fmt: skip
     server = holder["server"] = DrainingServer(uv_config, app.state.serving)
     server.run()

@@ -36,6 +36,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes when set (tests use it)
     max_num_seqs: int = 64  # requests in one batch at most
     max_num_batched_tokens: int = 2048  # tokens computed in one step at most (chunked prefill)
+    long_prefill_token_threshold: int | None = None  # prefill chunk cap while others wait; None: budget/4
+    max_long_partial_prefills: int = 1  # prompts over the threshold prefilled at once; shorter ones pass them
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True  # reuse the KV blocks of a shared prompt prefix
     tensor_parallel_size: int = 1  # devices each layer is split over (-tp)
@@ -74,7 +76,21 @@ class ServerConfig:
     admin_keys: list[str] = field(default_factory=list)  # may read GET /v1/usage
     protect_metrics: bool = False  # /metrics needs an API key too
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
-    max_queued_requests: int = 256  # past this many waiting requests, new ones get 503
+    max_queued_requests: int = 256  # waiting sequences (one per prompt and choice); 503 past it
+    max_queued_tokens: int = 262144  # waiting prompt tokens (all sequences) past which new work gets 503
+    max_prompts_per_request: int = 64  # prompts in one /v1/completions request (400 past it)
+    max_sequences_per_request: int = 64  # n x prompts of one request: a quarter of the queue (400 past it)
+    max_prompt_tokens_per_request: int = 65536  # prompt tokens of one request, all prompts (400 past it)
+    max_concurrent_requests_per_key: int | None = None  # in flight per API key (429 past it); None: no limit
+    max_in_flight_requests: int = 512  # requests whose body is read, not yet answered (503 past it)
+    max_connections: int = 1024  # open connections (uvicorn's limit_concurrency: 503 past it)
+    body_read_timeout_s: float = 30.0  # the whole body must arrive within this (408 past it)
+    max_pending_body_bytes: int = 256 * 1024 * 1024  # bodies still arriving, all together (503 past it)
+    max_header_bytes: int = 16384  # request line + headers (uvicorn h11_max_incomplete_event_size)
+    max_json_depth: int = 64  # nesting of a JSON body (400 past it)
+    frontend_workers: int = 2  # threads that render templates and tokenize, off the event loop
+    frontend_max_queued: int = 64  # rendering/tokenizing jobs waiting for those threads (503 past it)
+    special_tokens_in_content: bool = False  # True: special tokens in messages act as control tokens
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     log_prompts: bool = False  # write prompt text to the log (debugging only)
     chat_template: str | None = None  # a Jinja file (or the template text) replacing the tokenizer's

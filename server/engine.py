@@ -50,6 +50,7 @@ class _Group:
     request: GenerateRequest
     sink: asyncio.Queue
     live: int  # choices not finished yet
+    choices: list[_Choice] = field(default_factory=list)
     pending: list[_Choice] = field(default_factory=list)
 
 
@@ -62,6 +63,12 @@ class NativeEngine:
         self.tokenizer = None
         self.model_dir = None
         self._inbox: queue.Queue = queue.Queue()
+        self._inbox_lock = threading.Lock()
+        self._inbox_load = [0, 0]  # sequences and prompt tokens handed to the loop, not yet in the scheduler
+        self._parked_load = [
+            0,
+            0,
+        ]  # the same for choices waiting on their first choice's prompt (loop thread)
         self._wake = threading.Event()
         self._choices: dict[str, _Choice] = {}
         self._groups: dict[str, _Group] = {}
@@ -82,10 +89,13 @@ class NativeEngine:
         sched = getattr(self, "scheduler", None)
         if sched is None:
             return Load(0, 0, 0.0, 0.0, 0.0)
-        waiting = sched.num_waiting + self._inbox.qsize()
+        with self._inbox_lock:
+            inbox_sequences, inbox_tokens = self._inbox_load
+        waiting = sched.num_waiting + inbox_sequences + self._parked_load[0]
+        tokens = sched.num_waiting_tokens + inbox_tokens + self._parked_load[1]
         rate = self._rate.requests_per_s()
         est = waiting / rate if waiting and rate > 0 else 0.0
-        return Load(sched.num_running, waiting, sched.kv.usage(), est, self._rate.tokens_per_s())
+        return Load(sched.num_running, waiting, sched.kv.usage(), est, self._rate.tokens_per_s(), tokens)
 
     def load_model(self) -> None:
         """Blocking: resolve and load the model, size the KV cache, build the scheduler."""
@@ -116,7 +126,10 @@ class NativeEngine:
             self.runner.shutdown()
             raise
         kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(
+            kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+            cfg.long_prefill_token_threshold, cfg.max_long_partial_prefills,
+        )  # fmt: skip
         log.info(
             "KV cache: %d blocks of %d tokens; max_model_len %d",
             num_blocks,
@@ -167,6 +180,9 @@ class NativeEngine:
         if request.n < 1:
             raise EngineError("n must be at least 1")
         sink: asyncio.Queue = asyncio.Queue()
+        with self._inbox_lock:
+            self._inbox_load[0] += request.n
+            self._inbox_load[1] += request.n * len(request.prompt_token_ids)
         self._inbox.put(("add", request, sink))
         self._wake.set()
         remaining = request.n
@@ -211,6 +227,9 @@ class NativeEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                with self._inbox_lock:
+                    self._inbox_load[0] -= payload.n
+                    self._inbox_load[1] -= payload.n * len(payload.prompt_token_ids)
                 self._add(payload, sink)
             else:
                 self._abort(payload)
@@ -236,26 +255,37 @@ class NativeEngine:
             )
             choice = _Choice(r, req.request_id, i, detok, sink)
             self._choices[rid] = choice
+            group.choices.append(choice)
             if i == 0 or not self.config.enable_prefix_caching:
                 self.scheduler.add(r)
             else:
                 group.pending.append(choice)
+                self._park(r, +1)
         self._groups[req.request_id] = group
         self._stats["prompt_tokens_total"] += len(req.prompt_token_ids) * req.n
 
     def _abort(self, request_id: str) -> None:
-        """Abort every choice of a request; a consumer still listening gets a final "abort" delta."""
+        """Abort every choice of a request (O(1) each); a consumer still listening gets a final "abort"
+        delta. An id already finished or aborted is ignored."""
         group = self._groups.pop(request_id, None)
         if group is None:
             return
+        for choice in group.pending:
+            self._park(choice.request, -1)
+        group.pending.clear()
         events = []
-        for choice in [c for c in self._choices.values() if c.group_id == request_id]:
+        for choice in group.choices:
             rid = choice.request.request_id
-            del self._choices[rid]
+            if self._choices.pop(rid, None) is None:
+                continue  # finished before the abort
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
             self.runner.release(rid)
             events.append((choice.sink, self._final(choice, "abort")))
         self._publish(events)
+
+    def _park(self, request: Request, sign: int) -> None:
+        self._parked_load[0] += sign
+        self._parked_load[1] += sign * request.num_prompt_tokens
 
     def step(self) -> None:
         out = self.scheduler.schedule()
@@ -361,6 +391,7 @@ class NativeEngine:
         if group is None or not group.pending:
             return
         for choice in group.pending:
+            self._park(choice.request, -1)
             if choice.request.request_id in self._choices:
                 self.scheduler.add(choice.request)
         group.pending.clear()

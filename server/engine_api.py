@@ -66,10 +66,11 @@ class Delta:
 @dataclass(slots=True)
 class Load:
     num_running: int
-    num_waiting: int
+    num_waiting: int  # sequences (one per prompt and choice) not yet scheduled
     kv_usage: float  # 0..1
     est_wait_s: float  # estimated queueing delay for a new request, from recent throughput
     gen_tokens_per_s: float  # recent output throughput
+    num_waiting_tokens: int = 0  # prompt tokens of the waiting sequences (0 where the engine cannot tell)
 
 
 class Engine(Protocol):

@@ -7,6 +7,8 @@ Routes raise APIError (or one of the helpers below); FastAPI's validation errors
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("glm_serve.errors")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -22,7 +25,9 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
@@ -81,7 +86,12 @@ def is_anthropic_path(path: str) -> bool:
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": encodable(message), "type": error_type, "param": param, "code": code}}
+
+
+def encodable(text: str) -> str:
+    """text with what UTF-8 cannot encode (lone surrogates echoed from a request) replaced by U+FFFD."""
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -103,6 +113,19 @@ def unauthorized() -> APIError:
 
 def body_too_large(limit: int) -> APIError:
     return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+
+
+def request_timeout(timeout_s: float) -> APIError:
+    return APIError(
+        408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout",
+        headers={"Connection": "close"},
+    )  # fmt: skip
+
+
+def too_many_requests(
+    message: str, retry_after_s: float = 1.0, code: str = "rate_limit_exceeded"
+) -> APIError:
+    return APIError(429, message, code=code, headers={"Retry-After": str(max(1, round(retry_after_s)))})
 
 
 def unavailable(message: str, retry_after_s: float = 1.0, code: str = "service_unavailable") -> APIError:
@@ -175,3 +198,27 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+
+
+class TracebackBudget:
+    """Rate-limits tracebacks in the log: at most `per_minute` unexpected errors are logged with their
+    traceback; past that, the exception's type and message only until the minute is over. A flood of
+    failing requests then cannot fill the disk with stack traces."""
+
+    def __init__(self, per_minute: int = 10) -> None:
+        self.per_minute = per_minute
+        self._window_start = 0.0
+        self._logged = 0
+
+    def log(self, logger: logging.Logger, exc: BaseException, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= 60.0:
+            self._window_start, self._logged = now, 0
+        self._logged += 1
+        if self._logged <= self.per_minute:
+            logger.error(message, *args, exc_info=exc)
+        else:  # the exception without its traceback: one line
+            logger.error(message + " (traceback rate-limited)", *args, exc_info=(type(exc), exc, None))
+
+
+tracebacks = TracebackBudget()  # one per process: the log it protects is one per process

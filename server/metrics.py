@@ -1,5 +1,6 @@
 """Prometheus metrics under vLLM's names, one registry per app, and the per-request observer middleware
-(HTTP counts by route and status, the structured access log, the in-flight count that draining waits on).
+(HTTP counts by route and status, the structured access log; the in-flight count that draining waits on
+is kept by server/http_guard.py, once a request's body is read).
 
 Gauges and token counters are read from the engine at scrape time (engine.load(), engine.stats());
 latency histograms, token-count histograms and finish reasons are observed by the routes as requests run.
@@ -26,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine_api import Engine
-from server.errors import internal_error
+from server.errors import internal_error, tracebacks
 
 access_log = logging.getLogger("glm_serve.access")
 log = logging.getLogger("glm_serve.http")
@@ -258,14 +259,13 @@ def _served_headers(headers: list[tuple[bytes, bytes]], access: dict[str, Any]) 
 
 
 class InFlight(Protocol):
-    in_flight: int
     log_prompts: bool
 
 
 class RequestObserver:
     """ASGI middleware around everything: counts requests by route and status, writes one JSON access
-    line per request (fields the routes put in request.state.access), keeps the in-flight count, and
-    turns an unexpected exception into a 500 whose detail goes to the log only."""
+    line per request (fields the routes put in request.state.access), and turns an unexpected exception
+    into a 500 whose detail goes to the log only (tracebacks rate-limited)."""
 
     def __init__(
         self,
@@ -301,18 +301,17 @@ class RequestObserver:
                 message = {**message, "headers": _served_headers(message.get("headers", []), access)}
             await send(message)
 
-        counted = path not in QUIET_PATHS
-        self.serving.in_flight += counted
         try:
             await self.app(scope, receive, observing_send)
-        except Exception:
+        except Exception as exc:
             request_id = access.get("id") or access.setdefault("id", f"req-{uuid.uuid4().hex[:12]}")
-            log.exception("unhandled error in %s %s (request id %s)", scope["method"], path, request_id)
+            tracebacks.log(
+                log, exc, "unhandled error in %s %s (request id %s)", scope["method"], path, request_id
+            )
             status = 500
             if not response_started:
                 await internal_error(request_id).response(path)(scope, receive, send)
         finally:
-            self.serving.in_flight -= counted
             status = access.pop("status", status)
             route = scope.get("route")
             route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")

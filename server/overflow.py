@@ -11,6 +11,7 @@ The upstream client and the pass-through live in server/overflow_upstream.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -49,16 +50,18 @@ class Triggers:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_s: float = 2.0  # TCP + TLS connect to the upstream
-    first_byte_timeout_s: float = 20.0  # the first body byte comes within connect_timeout_s + this
-    idle_timeout_s: float = 60.0  # between body chunks after the first byte
-    retries: int = 1  # extra attempts, only before the first byte
+    first_byte_timeout_s: float = 6.0  # the first body byte comes within connect_timeout_s + this
+    budget_s: float = 8.0  # connect + first byte over all attempts; past it the request falls back at once
+    idle_timeout_s: float = 10.0  # between body chunks after the first byte (a stall ends the stream)
+    retries: int = 1  # extra attempts, only before the first byte and within budget_s
     retry_backoff_s: float = 0.2  # before the first retry; doubles per retry
 
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
-    failures: int = 5  # consecutive failed requests that open the circuit
+    failures: int = 5  # consecutive failed attempts that open the circuit
     cooldown_s: float = 30.0  # open -> half-open (one probe) after this
+    probe_timeout_s: float = 2.0  # the half-open probe's budget (connect + first byte)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +107,15 @@ def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
         raise ConfigError("overflow.triggers.est_wait_s must be >= 0 (or null: off)")
     if t.kv_usage is not None and not 0.0 <= t.kv_usage <= 1.0:
         raise ConfigError("overflow.triggers.kv_usage must be in [0, 1] (or null: off)")
-    for name in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+    for name in ("connect_timeout_s", "first_byte_timeout_s", "budget_s", "idle_timeout_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"overflow.upstream.{name} must be > 0")
     if u.retries < 0 or u.retry_backoff_s < 0:
         raise ConfigError("overflow.upstream.retries and retry_backoff_s must be >= 0")
-    if b.failures < 1 or b.cooldown_s <= 0:
-        raise ConfigError("overflow.circuit_breaker.failures must be >= 1 and cooldown_s > 0")
+    if b.failures < 1 or b.cooldown_s <= 0 or b.probe_timeout_s <= 0:
+        raise ConfigError(
+            "overflow.circuit_breaker.failures must be >= 1, cooldown_s and probe_timeout_s > 0"
+        )
     if not cfg.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"overflow.base_url must be an http(s) URL, not {cfg.base_url!r}")
     return cfg
@@ -146,15 +151,36 @@ def pressure(triggers: Triggers, load: Load, healthy: bool) -> Reason | None:
     return None
 
 
-def local_or_reject(load: Load, healthy: bool, queue_limit: int) -> Decision:
+@dataclass(frozen=True, slots=True)
+class QueueRoom:
+    """What one request adds to the local waiting queue, and what the queue may hold. Counted in
+    sequences (one per prompt and choice) and prompt tokens, so one request of many prompts weighs as
+    much as that many requests."""
+
+    sequences: int
+    tokens: int
+    max_sequences: int
+    max_tokens: int
+
+    def overflows(self, load: Load) -> str | None:
+        """Why this request does not fit beside what is waiting; None when it does."""
+        if load.num_waiting + self.sequences > self.max_sequences:
+            return f"{load.num_waiting} sequences waiting, this request adds {self.sequences}, limit {self.max_sequences}"
+        if load.num_waiting_tokens and load.num_waiting_tokens + self.tokens > self.max_tokens:
+            return f"{load.num_waiting_tokens} prompt tokens waiting, this request adds {self.tokens}, limit {self.max_tokens}"
+        return None
+
+
+def local_or_reject(load: Load, healthy: bool, room: QueueRoom) -> Decision:
     """Queue locally if the engine is healthy and its queue has room; otherwise 503 with Retry-After."""
     if not healthy:
         error = unavailable("The engine stopped working; see the server log.", 30.0, code="engine_dead")
         return Decision(Route.REJECT, error=error)
-    if load.num_waiting >= queue_limit:
+    full = room.overflows(load)
+    if full is not None:
         error = unavailable(
-            f"The server is overloaded ({load.num_waiting} requests waiting, limit {queue_limit}); retry later.",
-            retry_after_s=max(1.0, load.est_wait_s),
+            f"The server is overloaded ({full}); retry later.",
+            retry_after_s=min(max(1.0, load.est_wait_s), 60.0),
             code="queue_full",
         )
         return Decision(Route.REJECT, error=error)
@@ -178,7 +204,7 @@ def decide(
     key: ApiKey,
     header: str | None,
     model: str,
-    queue_limit: int,
+    room: QueueRoom,
 ) -> Decision:
     """local | overflow(reason) | reject. A request leaves only if overflow is enabled, the model has an
     upstream id, the key is not sovereign and the request does not say X-Overflow: never; then it
@@ -200,7 +226,7 @@ def decide(
         reason = pressure(policy.triggers, load, healthy)
         if reason is not None:
             return Decision(Route.OVERFLOW, reason)
-    return local_or_reject(load, healthy, queue_limit)
+    return local_or_reject(load, healthy, room)
 
 
 # -- circuit breaker --------------------------------------------------------------------------------------
@@ -222,6 +248,11 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self._opened_at: float | None = None
         self._probe_in_flight = False
+        self._opens = asyncio.Event()  # set (and replaced) each time the circuit opens
+
+    def opened_signal(self) -> asyncio.Event:
+        """An event set when the circuit next opens: a request waiting on the upstream gives up then."""
+        return self._opens
 
     @property
     def state(self) -> BreakerState:
@@ -236,7 +267,8 @@ class CircuitBreaker:
         return self._opened_at is not None
 
     def allow(self) -> bool:
-        """May a request go upstream now? In half-open, only the first caller (the probe) may."""
+        """May a request go upstream now? In half-open, only the first caller (the probe) may; right after
+        that call, state is HALF_OPEN only for the probe."""
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -254,6 +286,8 @@ class CircuitBreaker:
         self.consecutive_failures += 1
         if self._probe_in_flight or self.consecutive_failures >= self.threshold:
             self._opened_at = self.clock()
+            self._opens.set()
+            self._opens = asyncio.Event()
         self._probe_in_flight = False
 
     def release(self) -> None:

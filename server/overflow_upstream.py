@@ -92,23 +92,43 @@ class UpstreamClient:
             transport=transport,
         )
 
-    async def open(self, path: str, body: dict[str, Any]) -> Opened:
+    async def open(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        budget_s: float | None = None,
+        on_failure: Callable[[UpstreamError], None] | None = None,
+    ) -> Opened:
+        """The upstream's response once its first body byte is in. All attempts together (connect, first
+        byte, backoff) stay within budget_s (default cfg.budget_s); on_failure hears each failed attempt
+        that says the upstream is unusable, as it happens (the circuit breaker counts it at once)."""
         cfg = self.cfg
+        budget = cfg.budget_s if budget_s is None else budget_s
+        deadline = time.monotonic() + budget
         error = UpstreamError("no attempt made", retryable=False, breaker=False)
         for attempt in range(1 + cfg.retries):
             if attempt:
-                await asyncio.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(
+                    min(cfg.retry_backoff_s * 2 ** (attempt - 1), deadline - time.monotonic())
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            limit = min(cfg.connect_timeout_s + cfg.first_byte_timeout_s, remaining)
             try:
-                with anyio.fail_after(cfg.connect_timeout_s + cfg.first_byte_timeout_s):
+                with anyio.fail_after(limit):
                     return await self._attempt(path, body)
             except UpstreamError as exc:
                 error = exc
             except TimeoutError:
-                error = UpstreamError(
-                    f"no first byte within {cfg.first_byte_timeout_s:g} s", retryable=True, breaker=True
-                )
+                budget_spent = " (the overflow budget)" if limit == remaining else ""
+                why = f"no first byte within {limit:g} s{budget_spent}"
+                error = UpstreamError(why, retryable=True, breaker=True)
             except httpx.TransportError as exc:
                 error = UpstreamError(f"{type(exc).__name__}: {exc}", retryable=True, breaker=True)
+            if error.breaker and on_failure is not None:
+                on_failure(error)
             if not error.retryable:
                 break
         raise error

@@ -146,7 +146,7 @@ def parse_usage_config(section: dict[str, Any] | None) -> UsageConfig:
 class UsageRow:
     ts: float  # unix time at arrival
     request_id: str
-    key_id: str  # sha256 of the API key (16 hex digits), or "anonymous" / "unauthenticated"
+    key_id: str  # sha256 of the API key (16 hex digits), or "anonymous"
     model: str  # the model id the client used (the served name)
     backend: str  # local | holysheep
     endpoint: str
@@ -295,10 +295,10 @@ class UsageRecorder:
     ) -> None:
         if scope.get("path") not in METERED_PATHS or scope.get("method") != "POST":
             return
+        if status == 401:  # unauthenticated: no row (anyone could fill the ledger); /metrics counts them in
+            return  # glm_serve:http_requests_total{status="401"}
         key = (scope.get("state") or {}).get("api_key")
-        key_id = (
-            key.key_id if key is not None else ("unauthenticated" if status == 401 else ANONYMOUS_KEY.key_id)
-        )
+        key_id = key.key_id if key is not None else ANONYMOUS_KEY.key_id
         reasons = access.get("finish_reasons")
         row = UsageRow(
             ts=started_at,

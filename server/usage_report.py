@@ -29,6 +29,7 @@ from server.usage import UsageConfig, parse_usage_config
 
 GROUP_COLUMNS = {"model": "model", "key": "key_id", "backend": "backend"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_SINCE_S = 100 * 366 * 86400  # how far back --since may reach (further is an input error, not a 500)
 _AGGREGATES = """
     COUNT(*) AS requests,
     COALESCE(SUM(backend = 'holysheep'), 0) AS overflow_requests,
@@ -57,13 +58,20 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
     now = time.time() if now is None else now
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if seconds > MAX_SINCE_S:
+            raise ValueError(f"--since {text!r}: at most {MAX_SINCE_S // _UNITS['d']:.0f}d back")
+        return now - seconds
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(f"--since {text!r}: use a duration like 7d, 12h, 30m, or an ISO date") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
+    if not now - MAX_SINCE_S <= when.timestamp() <= now + _UNITS["d"]:
+        raise ValueError(
+            f"--since {text!r}: give a date within the last {MAX_SINCE_S // _UNITS['d']:.0f} days"
+        )
     return when.timestamp()
 
 

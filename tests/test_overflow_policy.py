@@ -11,6 +11,7 @@ from server.errors import APIError
 from server.overflow import (
     BreakerState,
     CircuitBreaker,
+    QueueRoom,
     Reason,
     Route,
     Triggers,
@@ -22,7 +23,7 @@ from server.overflow import (
 USER = ApiKey("user")
 SOVEREIGN = ApiKey("sov", sovereign=True)
 FORCER = ApiKey("forcer", force_overflow=True)
-LIMIT = 256  # server.max_queued_requests
+LIMIT = QueueRoom(sequences=1, tokens=10, max_sequences=256, max_tokens=262144)  # a one-prompt request
 POLICY = parse_overflow_config(
     {
         "enabled": True,
@@ -123,7 +124,7 @@ def test_a_saturated_server_overflows_what_may_leave():
 
 
 def test_what_cannot_leave_gets_503_when_the_local_queue_is_full_or_the_engine_dead():
-    full = load(waiting=LIMIT)
+    full = load(waiting=LIMIT.max_sequences)
     for key, header in ((SOVEREIGN, None), (USER, "never"), (SOVEREIGN, "auto")):
         decision = decide(POLICY, full, True, key, header, "glm-5", LIMIT)
         assert decision.route is Route.REJECT and decision.error.status == 503

@@ -15,9 +15,8 @@ from fastapi.responses import Response
 from server.chat_template import (
     add_json_object_hint,
     check_template_kwargs,
-    encode_prompt,
     normalize_messages,
-    render_chat,
+    render_and_encode,
     select_tools,
 )
 from server.engine_api import Delta, Engine, GenerateRequest
@@ -36,7 +35,17 @@ from server.routes.chat_output import (
     chat_logprobs,
     make_output_processor,
 )
-from server.routes.deps import ServingState, admit, check_model, get_state, ready_engine, serve_overflow
+from server.routes.deps import (
+    ServingState,
+    admit,
+    check_batch_size,
+    check_model,
+    check_prompt_tokens,
+    get_state,
+    ready_engine,
+    run_in_pool,
+    serve_overflow,
+)
 from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
@@ -61,11 +70,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     model = check_model(state, body.model)
-    prepared = prepare_chat(body, engine, state)
-    decision = admit(state, engine, request)
+    prepared = await prepare_chat(body, engine, state)
+    queued_tokens = len(prepared.prompt_ids) * body.n
+    decision = admit(state, engine, request, sequences=body.n, tokens=queued_tokens)
     overflowed = await serve_overflow(
-        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prepared.prompt_ids)
-    )
+        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prepared.prompt_ids),
+        sequences=body.n, tokens=queued_tokens,
+    )  # fmt: skip
     if overflowed is not None:
         return overflowed
 
@@ -110,14 +121,16 @@ class PreparedChat:
         )  # fmt: skip
 
 
-def prepare_chat(body: ChatCompletionRequest, engine: Engine, state: ServingState) -> PreparedChat:
+async def prepare_chat(body: ChatCompletionRequest, engine: Engine, state: ServingState) -> PreparedChat:
     """Cross-field checks, the chat template, the output budget and the sampling params (400 on bad input)."""
     check_common_fields(body)
     if body.tools and body.tool_choice in (None, "auto") and not state.config.server.enable_auto_tool_choice:
         raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-    prompt_text, prompt_ids, tools, template_kwargs = render_prompt(body, engine)
+    check_batch_size(state, prompts=1, n=body.n)
+    prompt_text, prompt_ids, tools, template_kwargs = await render_prompt(body, engine, state)
+    check_prompt_tokens(state, len(prompt_ids), "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     defaults = state.sampling_defaults
     max_tokens = resolve_max_tokens(
@@ -128,21 +141,19 @@ def prepare_chat(body: ChatCompletionRequest, engine: Engine, state: ServingStat
     return PreparedChat(prompt_text, prompt_ids, tools, template_kwargs, top_logprobs, params)
 
 
-def render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None, dict]:
+async def render_prompt(
+    body: ChatCompletionRequest, engine: Engine, state: ServingState
+) -> tuple[str, list[int], list | None, dict]:
     messages = normalize_messages(body.messages)
     add_json_object_hint(messages, body.response_format)
     tools = select_tools(body.tools, body.tool_choice)
     template_kwargs = check_template_kwargs(body.chat_template_kwargs)
-    prompt_text = render_chat(
-        engine.tokenizer, messages, tools=tools, add_generation_prompt=body.add_generation_prompt,
-        template_kwargs=template_kwargs,
+    prompt_text, prompt_ids = await run_in_pool(
+        state, render_and_encode, engine.tokenizer, messages, tools=tools,
+        add_generation_prompt=body.add_generation_prompt, template_kwargs=template_kwargs,
+        special_tokens_in_content=state.config.server.special_tokens_in_content,
     )  # fmt: skip
-    return (
-        prompt_text,
-        encode_prompt(engine.tokenizer, prompt_text, add_special_tokens=False),
-        tools,
-        template_kwargs,
-    )
+    return prompt_text, prompt_ids, tools, template_kwargs
 
 
 def chat_finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:

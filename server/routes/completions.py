@@ -12,10 +12,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.chat_template import encode_prompt
-from server.engine_api import Engine, GenerateRequest, TokenLogprob
+from server.engine_api import GenerateRequest, TokenLogprob
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
+from server.routes.deps import (
+    admit,
+    check_batch_size,
+    check_model,
+    check_prompt_tokens,
+    get_state,
+    ready_engine,
+    run_in_pool,
+    serve_overflow,
+)
 from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
@@ -84,7 +93,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise bad_request("'suffix' is not supported.", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("'best_of' is not supported (other than equal to 'n').", param="best_of")
-    prompts = _prompts(body.prompt, engine)
+    raw_prompts = _prompt_list(body.prompt)
+    check_batch_size(state, prompts=len(raw_prompts), n=body.n)
+    prompts = await run_in_pool(state, _prompts, raw_prompts, engine.tokenizer)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    check_prompt_tokens(state, prompt_tokens, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
     requests = []
@@ -101,11 +114,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         )
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
-    decision = admit(state, engine, request)
-    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    sequences = len(prompts) * body.n
+    decision = admit(state, engine, request, sequences=sequences, tokens=prompt_tokens * body.n)
     overflowed = await serve_overflow(
-        state, engine, request, decision, path="completions", prompt_tokens=prompt_tokens
-    )
+        state, engine, request, decision, path="completions", prompt_tokens=prompt_tokens,
+        sequences=sequences, tokens=prompt_tokens * body.n,
+    )  # fmt: skip
     if overflowed is not None:
         return overflowed
 
@@ -113,9 +127,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     access.update(
         id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts], served_by="local"
     )
-    token_strings = (
-        [[engine.tokenizer.decode([t]) for t in p.token_ids] for p in prompts] if body.echo else []
-    )
+    token_strings = await run_in_pool(state, _token_strings, prompts, engine.tokenizer) if body.echo else []
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     context = CompletionContext(
         request_id,
@@ -135,23 +147,33 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )  # fmt: skip
 
 
-def _prompts(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine) -> list[Prompt]:
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    """The request's prompts as a list (one prompt of token ids is a list of ints)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise bad_request("The prompt is empty.", param="prompt")
     if isinstance(prompt[0], int):
-        prompt = [prompt]  # one prompt of token ids
-    vocab_size = len(engine.tokenizer)
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
+
+
+def _prompts(prompts: list[str] | list[list[int]], tokenizer: Any) -> list[Prompt]:
+    """Each prompt's text and token ids (CPU-heavy: run it in the front-end pool)."""
+    vocab_size = len(tokenizer)
     out = []
-    for item in prompt:
+    for item in prompts:
         if isinstance(item, str):
-            out.append(Prompt(item, encode_prompt(engine.tokenizer, item, add_special_tokens=True)))
+            out.append(Prompt(item, encode_prompt(tokenizer, item, add_special_tokens=True)))
             continue
         if any(not 0 <= t < vocab_size for t in item):
             raise bad_request(f"Prompt token ids must be in [0, {vocab_size}).", param="prompt")
-        out.append(Prompt(engine.tokenizer.decode(item), list(item)))
+        out.append(Prompt(tokenizer.decode(item), list(item)))
     return out
+
+
+def _token_strings(prompts: list[Prompt], tokenizer: Any) -> list[list[str]]:
+    return [[tokenizer.decode([t]) for t in p.token_ids] for p in prompts]
 
 
 def _new_builders(context: CompletionContext) -> list[LogprobsBuilder | None]:

@@ -1,5 +1,6 @@
 """What every route needs: the serving state of the app, and the checks made before the engine sees a
-request (ready, not draining, healthy, the right model name, room in the queue)."""
+request (ready, not draining, healthy, the right model name, a size within the per-request limits, room
+in the queue counted in sequences and tokens)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from starlette.responses import Response
 
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.engine_api import Engine
-from server.errors import model_not_found, unavailable
+from server.errors import bad_request, model_not_found, unavailable
+from server.frontend_pool import FrontendPool
 from server.generation_defaults import NO_DEFAULTS, SamplingDefaults
 from server.metrics import ServerMetrics
-from server.overflow import OVERFLOW_HEADER, Decision, OverflowConfig, Route, decide, local_or_reject
+from server.overflow import (
+    OVERFLOW_HEADER,
+    Decision,
+    OverflowConfig,
+    QueueRoom,
+    Route,
+    decide,
+    local_or_reject,
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -27,13 +37,14 @@ class ServingState:
     ready: bool = False
     failure: str | None = None  # why the engine could not start
     draining: bool = False
-    in_flight: int = 0  # HTTP requests in progress, /health and /metrics excluded
+    in_flight: int = 0  # HTTP requests whose body is read and not yet answered, /health and /metrics excluded
     generations: set[Any] = field(default_factory=set)  # the routes' open Generations
     started_at: float = field(default_factory=time.time)
     log_prompts: bool = False
     overflow: Any = None  # routes/overflow.py OverflowService; None: overflow off
     usage: Any = None  # usage.py UsageRecorder; None: no ledger
     sampling_defaults: SamplingDefaults = NO_DEFAULTS  # from the model's generation_config.json
+    pool: FrontendPool | None = None  # rendering and tokenizing off the event loop (None: inline, tests)
 
     @property
     def status(self) -> str:
@@ -91,9 +102,46 @@ def request_key(request: Request) -> ApiKey:
     return request.scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
 
 
-def admit(state: ServingState, engine: Engine, request: Request) -> Decision:
-    """Local, overflow or 503 (server/overflow.py: decide). The local queue limit is soft: requests that
-    arrive in the same instant are all checked before the engine has queued any of them."""
+def check_batch_size(state: ServingState, *, prompts: int, n: int) -> None:
+    """400 for more prompts, or more sequences (n x prompts), than one request may ask for."""
+    server = state.config.server
+    if prompts > server.max_prompts_per_request:
+        raise bad_request(
+            f"This request has {prompts} prompts; the limit is {server.max_prompts_per_request} "
+            "(server.max_prompts_per_request).", param="prompt", code="too_many_prompts",
+        )  # fmt: skip
+    if prompts * n > server.max_sequences_per_request:
+        raise bad_request(
+            f"This request asks for {prompts * n} sequences (n={n} x {prompts} prompts); the limit is "
+            f"{server.max_sequences_per_request} (server.max_sequences_per_request).", param="n",
+            code="too_many_sequences",
+        )  # fmt: skip
+
+
+def check_prompt_tokens(state: ServingState, prompt_tokens: int, param: str) -> None:
+    limit = state.config.server.max_prompt_tokens_per_request
+    if prompt_tokens > limit:
+        raise bad_request(
+            f"This request has {prompt_tokens} prompt tokens; the limit is {limit} "
+            "(server.max_prompt_tokens_per_request).", param=param, code="too_many_prompt_tokens",
+        )  # fmt: skip
+
+
+def queue_room(state: ServingState, sequences: int, tokens: int) -> QueueRoom:
+    server = state.config.server
+    return QueueRoom(sequences, tokens, server.max_queued_requests, server.max_queued_tokens)
+
+
+async def run_in_pool(state: ServingState, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """CPU-heavy front-end work (render, tokenize) in the front-end pool, off the event loop."""
+    if state.pool is None:
+        return fn(*args, **kwargs)
+    return await state.pool.run(fn, *args, **kwargs)
+
+
+def admit(state: ServingState, engine: Engine, request: Request, *, sequences: int, tokens: int) -> Decision:
+    """Local, overflow or 503 (server/overflow.py: decide). `sequences` and `tokens` are what this request
+    adds to the waiting queue (n x prompts, and their prompt tokens times n)."""
     if state.draining:
         raise unavailable(
             "The server is shutting down and admits no new requests.", 5.0, code="server_draining"
@@ -102,7 +150,7 @@ def admit(state: ServingState, engine: Engine, request: Request) -> Decision:
     policy = state.overflow.policy if state.overflow is not None else DISABLED
     decision = decide(
         policy, load, engine.healthy(), request_key(request), request.headers.get(OVERFLOW_HEADER),
-        state.served_model_name, state.config.server.max_queued_requests,
+        state.served_model_name, queue_room(state, sequences, tokens),
     )  # fmt: skip
     if decision.error is not None:
         raise decision.error
@@ -118,6 +166,8 @@ async def serve_overflow(
     *,
     path: str,
     prompt_tokens: int,
+    sequences: int,
+    tokens: int,
     id_prefix: str | None = None,
     body: dict[str, Any] | None = None,
     translation: Any = None,
@@ -127,9 +177,9 @@ async def serve_overflow(
     see OverflowService.serve (the Anthropic and Responses routes send their chat translation)."""
     if decision.route is not Route.OVERFLOW:
         return None
-    limit = state.config.server.max_queued_requests
+    room = queue_room(state, sequences, tokens)
     return await state.overflow.serve(
         request, decision, model=state.served_model_name, path=path,
         id_prefix=id_prefix or ("chatcmpl" if path.startswith("chat") else "cmpl"), prompt_tokens=prompt_tokens,
-        local=lambda: local_or_reject(engine.load(), engine.healthy(), limit), body=body, translation=translation,
+        local=lambda: local_or_reject(engine.load(), engine.healthy(), room), body=body, translation=translation,
     )  # fmt: skip

@@ -157,20 +157,19 @@ class Generation:
             await self.engine.abort(request.request_id)
 
     async def close(self) -> None:
-        """Abort what is unfinished (idempotent, shielded) and complete the access-log fields."""
+        """Close the engine streams (idempotent, shielded) and complete the access-log fields. Closing a
+        stream early aborts its request in the engine (the Engine contract), so each unfinished request
+        is aborted once; a request whose stream never opened was never queued."""
         if self._closed:
             return
         self._closed = True
         self._registry.discard(self)
-        unfinished = self._unfinished_requests()
         with anyio.CancelScope(shield=True):
             if self._source is not None and hasattr(self._source, "aclose"):
                 try:
                     await self._source.aclose()
-                except Exception:  # the engine failed while closing; abort below still runs
+                except Exception:  # the engine failed while closing
                     log.exception("closing the delta stream of %s failed", self.requests[0].request_id)
-            for request in unfinished:
-                await self.engine.abort(request.request_id)
         now = time.monotonic()
         for choice in self.choices.values():
             if choice.finish_reason is None:

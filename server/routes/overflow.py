@@ -9,12 +9,13 @@ to a 503 with Retry-After when the local queue cannot take it either: a request 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
@@ -23,7 +24,14 @@ from starlette.responses import Response
 from server.config import Config, ConfigError
 from server.errors import APIError
 from server.metrics import ServerMetrics
-from server.overflow import CircuitBreaker, Decision, OverflowConfig, Reason, parse_overflow_config
+from server.overflow import (
+    BreakerState,
+    CircuitBreaker,
+    Decision,
+    OverflowConfig,
+    Reason,
+    parse_overflow_config,
+)
 from server.overflow_upstream import (
     SseRewriter,
     Tally,
@@ -38,6 +46,28 @@ from server.routes.generation import ClientDisconnected, until_disconnected
 
 log = logging.getLogger("glm_serve.overflow")
 UPSTREAM_NAME = "holysheep"  # the X-Served-By value and the ledger's backend for overflowed requests
+T = TypeVar("T")
+
+
+class CircuitOpened(Exception):
+    """The circuit opened (other requests' attempts failed) while this request waited on the upstream."""
+
+
+async def _unless_circuit_opens(attempt: Awaitable[T], breaker: CircuitBreaker) -> T:
+    """The attempt's result, unless the circuit opens first: then the attempt is cancelled."""
+    signal = breaker.opened_signal()
+    work = asyncio.ensure_future(attempt)
+    watch = asyncio.ensure_future(signal.wait())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise CircuitOpened()
+    return work.result()
 
 
 class OverflowService:
@@ -104,20 +134,30 @@ class OverflowService:
         access.update(id=request_id, model=model, stream=stream, overflow_reason=decision.reason.value)
         if not self.breaker.allow():
             return self._fall_back(access, local, "circuit_open", "the circuit breaker is open")
+        probe = self.breaker.state is BreakerState.HALF_OPEN
+        budget = self.policy.upstream.budget_s
+        if probe:
+            budget = min(budget, self.policy.circuit_breaker.probe_timeout_s)
         self.metrics.overflow_requests.labels(decision.reason.value).inc()
         tally = Tally(local_prompt_tokens=prompt_tokens)
+        attempt = self.client.open(
+            path, body, budget_s=budget, on_failure=lambda _: self.breaker.record_failure()
+        )
         try:
-            opened = await until_disconnected(request, self.client.open(path, body))
+            opened = await until_disconnected(request, _unless_circuit_opens(attempt, self.breaker))
+        except CircuitOpened:
+            self.breaker.release()
+            return self._fall_back(
+                access, local, "circuit_open", "the circuit opened while this request waited"
+            )
         except ClientDisconnected:
             self.breaker.release()
             tally.ended = "abort"
             access.update(status=499, served_by=UPSTREAM_NAME, upstream_model=remote, **tally.access_fields())
             return Response(status_code=499)
-        except UpstreamError as exc:
+        except UpstreamError as exc:  # failed attempts were counted by the breaker as they happened
             self.metrics.overflow_failures.inc()
-            if exc.breaker:
-                self.breaker.record_failure()
-            else:  # the upstream answered: it is up, it refused this request
+            if not exc.breaker:  # the upstream answered: it is up, it refused this request
                 self.breaker.record_success()
             log.warning("overflow of %s failed before the first byte: %s", request_id, exc)
             return self._fall_back(access, local, "upstream_failed", str(exc))

@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from server.errors import APIError, internal_error
+from server.errors import APIError, internal_error, tracebacks
 from server.protocol import Usage
 
 log = logging.getLogger("glm_serve.sse")
@@ -52,6 +52,6 @@ def stream_error(exc: BaseException, request_id: str) -> APIError:
     """What a client is told of an error after its stream started: an unexpected exception is logged and
     reported without its detail."""
     if not isinstance(exc, APIError):
-        log.error("request %s failed mid-stream", request_id, exc_info=exc)
+        tracebacks.log(log, exc, "request %s failed mid-stream", request_id)
         return internal_error(request_id)
     return exc

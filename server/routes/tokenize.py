@@ -3,13 +3,15 @@ does, messages as /v1/chat/completions does, so clients can count tokens exactly
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.chat_template import encode_prompt, normalize_messages, render_chat, select_tools
+from server.chat_template import encode_prompt, normalize_messages, render_and_encode, select_tools
 from server.errors import bad_request
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from server.routes.deps import check_model, get_state, ready_engine
+from server.routes.deps import check_model, get_state, ready_engine, run_in_pool
 
 router = APIRouter()
 
@@ -22,15 +24,19 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Give exactly one of 'prompt' or 'messages'.", param="prompt")
     if body.messages is not None:
-        text = render_chat(
-            engine.tokenizer, normalize_messages(body.messages), tools=select_tools(body.tools, None),
-            add_generation_prompt=body.add_generation_prompt, template_kwargs=body.chat_template_kwargs,
+        _, tokens = await run_in_pool(
+            state, render_and_encode, engine.tokenizer, normalize_messages(body.messages),
+            tools=select_tools(body.tools, None), add_generation_prompt=body.add_generation_prompt,
+            template_kwargs=body.chat_template_kwargs,
+            special_tokens_in_content=state.config.server.special_tokens_in_content,
         )  # fmt: skip
-        add_special = bool(body.add_special_tokens)
+        if body.add_special_tokens:
+            tokens = _with_special_tokens(engine.tokenizer, tokens)
     else:
-        text = body.prompt or ""
         add_special = body.add_special_tokens is not False
-    tokens = encode_prompt(engine.tokenizer, text, add_special_tokens=add_special)
+        tokens = await run_in_pool(
+            state, encode_prompt, engine.tokenizer, body.prompt or "", add_special_tokens=add_special
+        )
     token_strs = engine.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
     result = TokenizeResponse(
         count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=token_strs
@@ -46,5 +52,15 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
     vocab_size = len(engine.tokenizer)
     if any(not 0 <= t < vocab_size for t in body.tokens):
         raise bad_request(f"Token ids must be in [0, {vocab_size}).", param="tokens")
-    return Response(DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump_json(),
-                    media_type="application/json")  # fmt: skip
+    text = await run_in_pool(state, engine.tokenizer.decode, body.tokens)
+    return Response(DetokenizeResponse(prompt=text).model_dump_json(), media_type="application/json")
+
+
+def _with_special_tokens(tokenizer: Any, ids: list[int]) -> list[int]:
+    """ids wrapped in what add_special_tokens=True adds around any text (e.g. a BOS token)."""
+    plain = tokenizer.encode("x", add_special_tokens=False)
+    wrapped = tokenizer.encode("x", add_special_tokens=True)
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start : start + len(plain)] == plain:
+            return wrapped[:start] + ids + wrapped[start + len(plain) :]
+    return ids

@@ -52,11 +52,12 @@ async def serve_translated(request: Request, translated: TranslatedRequest) -> R
     access["api"] = translated.api
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     chat = translated.chat
-    prepared = prepare_chat(chat, engine, state)
-    decision = admit(state, engine, request)
+    prepared = await prepare_chat(chat, engine, state)
+    queued_tokens = len(prepared.prompt_ids)
+    decision = admit(state, engine, request, sequences=1, tokens=queued_tokens)
     overflowed = await serve_overflow(
         state, engine, request, decision, path="chat/completions", prompt_tokens=len(prepared.prompt_ids),
-        id_prefix=translated.id_prefix,
+        sequences=1, tokens=queued_tokens, id_prefix=translated.id_prefix,
         body=chat.model_dump(mode="json", exclude_unset=True, exclude_none=True),
         translation=UpstreamTranslation(translated.make_encoder, request.url.path),
     )  # fmt: skip

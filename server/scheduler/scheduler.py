@@ -4,16 +4,24 @@ There are no prefill and decode phases: each request's num_computed_tokens catch
 num_tokens (prompt + output). A prompt is computed in chunks under the per-step token budget, a decode
 step is a chunk of one token, and a request preempted by recompute starts again from zero with its
 generated tokens kept.
+
+Prefill fairness (vLLM's long_prefill_token_threshold / max_long_partial_prefills): while other requests
+wait, no request computes more than long_prefill_token_threshold tokens in one step, so a long prompt
+leaves budget for the short requests behind it (alone, it takes the whole budget); and at most max_long_partial_prefills prompts longer than the
+threshold are part-way through their prefill at once, while shorter waiting requests may pass them.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from server.scheduler.kv_cache import KVCacheManager
 from server.scheduler.request import Request, RequestStatus
+from server.scheduler.waiting import WaitingQueue
+
+ADMISSION_SCAN = 64  # waiting requests looked at per step past long prompts that must wait their turn
 
 
 @dataclass(slots=True)
@@ -44,15 +52,28 @@ class Scheduler:
     """
 
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        long_prefill_token_threshold: int | None = None,
+        max_long_partial_prefills: int = 1,
     ) -> None:
+        """long_prefill_token_threshold: None means max_num_batched_tokens // 4, 0 turns the cap off."""
         if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_model_len <= 0:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        if max_long_partial_prefills < 1:
+            raise ValueError("max_long_partial_prefills must be >= 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go back to the front
+        if long_prefill_token_threshold is None:
+            long_prefill_token_threshold = max(1, max_num_batched_tokens // 4)
+        self.long_prefill_token_threshold = long_prefill_token_threshold or max_num_batched_tokens
+        self.max_long_partial_prefills = max_long_partial_prefills
+        self.waiting = WaitingQueue()  # FCFS; preempted requests go back to the front
         self.running: list[Request] = []  # oldest first
         self.num_preemptions_total = 0
         self.prefix_cache_queries_total = 0  # prompt tokens looked up in the prefix cache (first schedule)
@@ -69,6 +90,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens the waiting requests have to compute (prompts, and outputs kept by preempted ones)."""
+        return self.waiting.num_tokens
 
     def has_unfinished(self) -> bool:
         """True while some request is waiting, running, or finished but not yet reported."""
@@ -131,11 +157,12 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
         finished, self._refused = self._refused, []
+        chunk_cap = self.long_prefill_token_threshold if self.waiting else budget
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, chunk_cap)
             if num_new <= 0:  # nothing to compute (the previous step's output was never applied)
                 index += 1
                 continue
@@ -154,7 +181,12 @@ class Scheduler:
             index += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled, long_limit=True)
+        budget = self._extend_capped_prefills(budget, scheduled)
+        if (
+            not preempted and budget > 0
+        ):  # nothing else wants the budget: long prompts past the limit may start
+            budget = self._admit_waiting(budget, scheduled, long_limit=False)
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=self.max_num_batched_tokens - budget,
@@ -162,18 +194,29 @@ class Scheduler:
             finished=finished,
         )
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest], long_limit: bool) -> int:
+        """Admit waiting requests in order while budget, sequence slots and KV blocks last. With
+        long_limit, a prompt over the threshold waits (and shorter ones pass it) while
+        max_long_partial_prefills long prompts are mid-prefill. A request that does not fit the KV cache
+        stops admission (no overtaking there)."""
         kv = self.kv
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        long_partial = sum(1 for r in self.running if self._is_long_prefill(r))
+        for request in list(itertools.islice(self.waiting, max(ADMISSION_SCAN, self.max_num_seqs))):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             computed_blocks, num_computed = kv.get_computed_blocks(request)
+            remaining = request.num_tokens - num_computed
+            is_long = remaining > self.long_prefill_token_threshold
+            if long_limit and is_long and long_partial >= self.max_long_partial_prefills:
+                continue  # its turn comes when a long prefill in progress is done
             request.num_computed_tokens = num_computed
-            num_new = min(request.num_tokens - num_computed, budget)
+            chunk_cap = self.long_prefill_token_threshold if len(self.waiting) > 1 else budget  # others wait
+            num_new = min(remaining, budget, chunk_cap)
             block_ids = kv.allocate_slots(request, num_new, computed_blocks)
             if block_ids is None:
                 request.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             if request.num_preemptions == 0:  # first schedule: what the prefix cache saved
                 request.num_cached_tokens = num_computed
                 if kv.enable_prefix_caching:
@@ -183,7 +226,31 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new, block_ids))
             budget -= num_new
+            long_partial += is_long and num_new < remaining
         return budget
+
+    def _extend_capped_prefills(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        """Budget nobody else took goes to the prefill chunks the threshold cut short, oldest first."""
+        for item in scheduled:
+            if budget <= 0:
+                break
+            request = item.request
+            missing = request.num_tokens - (item.start + item.num_new_tokens)
+            if missing <= 0:
+                continue
+            extra = min(missing, budget)
+            block_ids = self.kv.allocate_slots(request, item.num_new_tokens + extra)
+            if block_ids is None:
+                continue
+            item.num_new_tokens += extra
+            item.block_ids = block_ids
+            item.sample = item.start + item.num_new_tokens == request.num_tokens
+            budget -= extra
+        return budget
+
+    def _is_long_prefill(self, request: Request) -> bool:
+        """A prompt (or recompute) over the threshold, part-way through: more than the threshold to go."""
+        return request.num_tokens - request.num_computed_tokens > self.long_prefill_token_threshold
 
     @staticmethod
     def _scheduled(request: Request, num_new: int, block_ids: list[int]) -> ScheduledRequest:
@@ -263,9 +330,9 @@ class Scheduler:
         if request is None:
             return None
         if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
+            self.running.remove(request)  # at most max_num_seqs long
         else:
-            self.waiting.remove(request)
+            self.waiting.remove(request)  # O(1)
         request.status = status
         if stop_reason is not None:
             request.stop_reason = stop_reason

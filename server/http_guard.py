@@ -1,0 +1,231 @@
+"""The front door of every request, before routing: bodies and in-flight work are bounded.
+
+RequestGuard reads the whole body first, within body_read_timeout_s (408 past it) and max_body_bytes
+(413, by Content-Length at once or as soon as the bytes pass it); all bodies still arriving together
+hold at most max_pending_body_bytes beyond their first 64 KiB each (503 past it), so half-sent bodies
+cannot grow the process, and small requests still pass while they stall. A JSON body nested deeper than
+max_json_depth or holding text UTF-8 cannot encode (a lone surrogate such as "\\ud800") is a 400 here,
+before pydantic, a template or a tokenizer can fail on it. Only then does the request count as in
+flight: past max_in_flight_requests it gets 503, past the per-key limit 429 (both with Retry-After).
+So a client that sends half a body holds no in-flight slot and the drain never waits for it.
+
+Connections themselves are capped by uvicorn (server.max_connections -> limit_concurrency) and headers
+by h11 (server.max_header_bytes); server/cli.py passes both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.config import ServerConfig
+from server.errors import (
+    APIError,
+    bad_request,
+    body_too_large,
+    request_timeout,
+    too_many_requests,
+    unavailable,
+)
+
+QUIET_PATHS = frozenset({"/health", "/metrics"})  # not in-flight work: never refused for load here
+POOL_CHECK_BYTES = 64 * 1024  # bodies larger than this are parsed for the checks in the front-end pool
+SMALL_BODY_BYTES = 64 * 1024  # each body's first bytes: outside max_pending_body_bytes, so small requests
+# always get through while large half-sent bodies hold the shared allowance
+
+
+@dataclass(frozen=True, slots=True)
+class GuardLimits:
+    max_body_bytes: int
+    body_read_timeout_s: float
+    max_in_flight: int
+    max_per_key: int | None
+    max_json_depth: int
+    max_pending_body_bytes: int
+
+    @classmethod
+    def from_server(cls, server: ServerConfig) -> GuardLimits:
+        return cls(
+            server.max_body_bytes, server.body_read_timeout_s, server.max_in_flight_requests,
+            server.max_concurrent_requests_per_key, server.max_json_depth, server.max_pending_body_bytes,
+        )  # fmt: skip
+
+
+class _TooManyPendingBytes(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, *, serving: Any, limits: GuardLimits) -> None:
+        self.app = app
+        self.serving = serving  # routes/deps.py ServingState: in_flight, pool
+        self.limits = limits
+        self.per_key: Counter[str] = Counter()
+        self.pending_body_bytes = 0  # bytes of bodies still arriving, all connections together
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._read_body(scope, receive)
+            await self._check_json(body)
+        except _ClientGone:
+            scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
+            return
+        except asyncio.CancelledError:  # the server stops while the body is still arriving
+            scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
+            raise
+        except APIError as error:
+            await error.response(scope["path"])(scope, receive, send)
+            return
+        counted = scope["path"] not in QUIET_PATHS
+        key = getattr(scope.get("state", {}).get("api_key"), "key_id", "anonymous")
+        if counted:
+            refusal = self._refusal(key)
+            if refusal is not None:
+                await refusal.response(scope["path"])(scope, receive, send)
+                return
+            self.serving.in_flight += 1
+            self.per_key[key] += 1
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            if counted:
+                self.serving.in_flight -= 1
+                self.per_key[key] -= 1
+                if not self.per_key[key]:
+                    del self.per_key[key]
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise body_too_large(limit)
+        held = 0
+        try:
+            async with asyncio.timeout(self.limits.body_read_timeout_s):
+                parts: list[bytes] = []
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    chunk = message.get("body", b"")
+                    if held + len(chunk) > limit:
+                        raise body_too_large(limit)
+                    counted = max(0, held + len(chunk) - SMALL_BODY_BYTES) - max(0, held - SMALL_BODY_BYTES)
+                    if counted and self.pending_body_bytes + counted > self.limits.max_pending_body_bytes:
+                        raise _TooManyPendingBytes()
+                    held += len(chunk)
+                    self.pending_body_bytes += counted
+                    parts.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(parts)
+        except TimeoutError:
+            raise request_timeout(self.limits.body_read_timeout_s) from None
+        except _TooManyPendingBytes:
+            raise unavailable(
+                "The server is receiving too many request bodies at once; retry shortly.",
+                1.0,
+                code="server_busy",
+            ) from None
+        finally:
+            self.pending_body_bytes -= max(0, held - SMALL_BODY_BYTES)
+
+    async def _check_json(self, body: bytes) -> None:
+        depth = self.limits.max_json_depth
+        if not needs_json_check(body, depth):
+            return
+        pool = getattr(self.serving, "pool", None)
+        if pool is not None and len(body) > POOL_CHECK_BYTES:
+            problem = await pool.run(json_problem, body, depth)
+        else:
+            problem = json_problem(body, depth)
+        if problem is not None:
+            raise problem
+
+    def _refusal(self, key: str) -> APIError | None:
+        limits = self.limits
+        if self.serving.in_flight >= limits.max_in_flight:
+            return unavailable(
+                f"The server has {limits.max_in_flight} requests in flight, its limit; retry shortly.",
+                1.0, code="too_many_requests_in_flight",
+            )  # fmt: skip
+        if limits.max_per_key is not None and self.per_key[key] >= limits.max_per_key:
+            return too_many_requests(
+                f"This API key has {limits.max_per_key} requests in flight, its limit; retry when one ends.",
+                1.0, code="concurrency_limit_exceeded",
+            )  # fmt: skip
+        return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, as one message; after it, the connection's own messages (disconnect)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def needs_json_check(body: bytes, max_depth: int) -> bool:
+    """Could this body nest too deep or carry a lone surrogate? Cheap byte counts answer no for most."""
+    if not body:
+        return False
+    return b"\\u" in body or body.count(b"[") + body.count(b"{") > max_depth
+
+
+def json_problem(body: bytes, max_depth: int) -> APIError | None:
+    """A 400 for JSON nested deeper than max_depth or holding a string UTF-8 cannot encode; None when the
+    body is fine or is not JSON at all (the route's own parser answers that)."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return _too_deep(max_depth)
+    except ValueError:
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _encodable(item):
+                return bad_request(
+                    "The request body holds invalid Unicode (a lone surrogate escape such as \\ud800); "
+                    "send text as valid UTF-16 pairs or UTF-8.",
+                    code="invalid_unicode",
+                )
+            continue
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return _too_deep(max_depth)
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                stack.append((child, depth + 1))
+                if isinstance(key, str):
+                    stack.append((key, depth))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_deep(max_depth: int) -> APIError:
+    return bad_request(f"The request body nests deeper than {max_depth} levels.", code="nesting_too_deep")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,9 @@ from server.config import ApiKey, Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
 from server.errors import body_too_large, install_error_handlers, unauthorized
 from server.generation_defaults import load_sampling_defaults
+from server.logs import SECRETS
 from server.metrics import RequestObserver, ServerMetrics
+from server.overflow import parse_overflow_config
 from server.routes import chat, completions, health, metrics, models, tokenize, usage
 from server.routes.deps import ServingState
 from server.routes.overflow import OverflowService
@@ -47,6 +50,8 @@ def create_app(
     serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
     serving.usage = UsageRecorder.from_config(config)
     serving.overflow = OverflowService.from_config(config, serving.metrics)
+    upstream_key = os.environ.get(parse_overflow_config(config.extra.get("overflow")).api_key_env, "")
+    SECRETS.add([*(key.decode() for key in load_api_keys(config.server)), upstream_key])  # never logged
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",

@@ -92,7 +92,7 @@ class UpstreamClient:
             transport=transport,
         )
 
-    async def open(self, path: str, body: dict[str, Any]) -> Opened:
+    async def open(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Opened:
         cfg = self.cfg
         error = UpstreamError("no attempt made", retryable=False, breaker=False)
         for attempt in range(1 + cfg.retries):
@@ -100,7 +100,7 @@ class UpstreamClient:
                 await asyncio.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
             try:
                 with anyio.fail_after(cfg.connect_timeout_s + cfg.first_byte_timeout_s):
-                    return await self._attempt(path, body)
+                    return await self._attempt(path, body, headers or {})
             except UpstreamError as exc:
                 error = exc
             except TimeoutError:
@@ -113,8 +113,8 @@ class UpstreamClient:
                 break
         raise error
 
-    async def _attempt(self, path: str, body: dict[str, Any]) -> Opened:
-        request = self._client.build_request("POST", path.lstrip("/"), json=body)
+    async def _attempt(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Opened:
+        request = self._client.build_request("POST", path.lstrip("/"), json=body, headers=headers)
         response = await self._client.send(request, stream=True)
         try:
             if response.status_code >= 400:

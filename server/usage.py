@@ -23,7 +23,6 @@ import queue
 import sqlite3
 import threading
 import time
-import uuid
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from fastapi import Depends, Request
 
 from server.config import ANONYMOUS_KEY, Config, ConfigError
+from server.logs import request_id_of
 from server.usage_schema import SchemaTooNew, migrate
 
 log = logging.getLogger("glm_serve.usage")
@@ -312,7 +312,7 @@ class UsageRecorder:
         reasons = access.get("finish_reasons")
         row = UsageRow(
             ts=started_at,
-            request_id=str(access.get("id") or f"req-{uuid.uuid4().hex[:12]}"),
+            request_id=request_id_of(access),
             key_id=key_id,
             model=str(access.get("model") or ""),
             backend=str(access.get("served_by") or "local"),

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
+from server import tracing
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.engine_api import Engine
 from server.errors import model_not_found, unavailable
@@ -94,6 +95,11 @@ def request_key(request: Request) -> ApiKey:
 def admit(state: ServingState, engine: Engine, request: Request) -> Decision:
     """Local, overflow or 503 (server/overflow.py: decide). The local queue limit is soft: requests that
     arrive in the same instant are all checked before the engine has queued any of them."""
+    with tracing.span("admission"):
+        return _admit(state, engine, request)
+
+
+def _admit(state: ServingState, engine: Engine, request: Request) -> Decision:
     if state.draining:
         raise unavailable(
             "The server is shutting down and admits no new requests.", 5.0, code="server_draining"

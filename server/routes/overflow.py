@@ -20,8 +20,10 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
+from server import tracing
 from server.config import Config, ConfigError
 from server.errors import APIError
+from server.logs import request_id_of, upstream_headers
 from server.metrics import ServerMetrics
 from server.overflow import CircuitBreaker, Decision, OverflowConfig, Reason, parse_overflow_config
 from server.overflow_upstream import (
@@ -102,14 +104,18 @@ class OverflowService:
             return self._fall_back(access, local, "circuit_open", "the circuit breaker is open")
         self.metrics.overflow_requests.labels(decision.reason.value).inc()
         tally = Tally(local_prompt_tokens=prompt_tokens)
+        call = tracing.start_span("upstream call", **{"glm_serve.upstream_model": remote})
+        headers = upstream_headers(access, call, request.headers)  # X-Request-Id, traceparent
         try:
-            opened = await until_disconnected(request, self.client.open(path, body))
+            opened = await until_disconnected(request, self.client.open(path, body, headers))
         except ClientDisconnected:
+            tracing.end_span(call, "the client left")
             self.breaker.release()
             tally.ended = "abort"
             access.update(status=499, served_by=UPSTREAM_NAME, upstream_model=remote, **tally.access_fields())
             return Response(status_code=499)
         except UpstreamError as exc:
+            tracing.end_span(call, str(exc))
             self.metrics.overflow_failures.inc()
             if exc.breaker:
                 self.breaker.record_failure()
@@ -119,7 +125,7 @@ class OverflowService:
             return self._fall_back(access, local, "upstream_failed", str(exc))
         self.breaker.record_success()
         access.update(served_by=UPSTREAM_NAME, upstream_model=remote)
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": request_id_of(access)}
         idle_timeout = self.policy.upstream.idle_timeout_s
         if stream:
             rewriter = SseRewriter(model, request_id, include_usage, tally)
@@ -130,9 +136,13 @@ class OverflowService:
                 if tally.ended == "error":
                     self._failed_after_first_byte(request_id)
                 access.update(tally.access_fields())
+                tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
 
             return UpstreamStream(stream_events(opened, rewriter, idle_timeout), opened, on_close, headers)
-        return await self._complete(request, opened, tally, access, model, request_id, idle_timeout)
+        try:
+            return await self._complete(request, opened, tally, access, model, request_id, idle_timeout)
+        finally:
+            tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
 
     async def _complete(
         self,
@@ -159,7 +169,7 @@ class OverflowService:
         if tally.ended == "error":
             self._failed_after_first_byte(request_id)
         access.update(tally.access_fields())
-        response.headers["X-Request-Id"] = request_id
+        response.headers["X-Request-Id"] = request_id_of(access)
         return response
 
     def _failed_after_first_byte(self, request_id: str) -> None:

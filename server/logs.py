@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -143,7 +144,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class _OwnHandler(logging.StreamHandler):
-    """The handler configure_logging() installed."""
+    """The handler configure_logging() installs: writes to `stream`, else to sys.stderr as it is when the
+    record comes (pytest and other tools swap sys.stderr; a handler holding the old one would write to a
+    closed file)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        logging.Handler.__init__(self)
+        self._fixed = stream
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return self._fixed if self._fixed is not None else sys.stderr
 
 
 def make_handler(fmt: str, stream: Any = None) -> logging.Handler:

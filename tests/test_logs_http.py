@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from server import tracing
-from server.logs import SECRETS, make_handler, valid_request_id
+from server.logs import SECRETS, configure_logging, make_handler, valid_request_id
 from tests.conftest import TEST_PROFILE, free_port, wait_until
 from tests.test_overflow_http import (  # noqa: F401  (deploy and its fixtures)
     FORCER,
@@ -250,3 +250,20 @@ def test_tracing_is_on_only_with_an_otlp_endpoint():
         assert tracing.enabled()
     finally:
         tracing.use_provider(None)
+
+
+def test_configure_logging_replaces_its_handler_and_follows_stderr(capsys):
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    try:
+        configure_logging("info", "json")
+        configure_logging("info", "json")  # a second call replaces the first handler
+        ours = [h for h in root.handlers if h not in before]
+        assert len(ours) == 1
+        logging.getLogger("glm_serve.test").info("to stderr")  # capsys swapped sys.stderr after the call
+        assert json.loads(capsys.readouterr().err.splitlines()[-1])["message"] == "to stderr"
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)

@@ -123,6 +123,9 @@ class OverflowService:
                 self.breaker.record_success()
             log.warning("overflow of %s failed before the first byte: %s", request_id, exc)
             return self._fall_back(access, local, "upstream_failed", str(exc))
+        except BaseException:  # cancelled: the span still ends
+            tracing.end_span(call, "cancelled")
+            raise
         self.breaker.record_success()
         access.update(served_by=UPSTREAM_NAME, upstream_model=remote)
         headers = {"X-Request-Id": request_id_of(access)}

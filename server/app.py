@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +25,9 @@ from server.errors import install_error_handlers, unauthorized
 from server.frontend_pool import FrontendPool
 from server.generation_defaults import load_sampling_defaults
 from server.http_guard import GuardLimits, RequestGuard
+from server.logs import SECRETS
 from server.metrics import RequestObserver, ServerMetrics
+from server.overflow import parse_overflow_config
 from server.routes import chat, completions, health, messages, metrics, models, responses, tokenize, usage
 from server.routes.deps import ServingState
 from server.routes.overflow import OverflowService
@@ -49,6 +52,8 @@ def create_app(
     serving.usage = UsageRecorder.from_config(config)
     serving.overflow = OverflowService.from_config(config, serving.metrics)
     serving.pool = FrontendPool(config.server.frontend_workers, config.server.frontend_max_queued)
+    upstream_key = os.environ.get(parse_overflow_config(config.extra.get("overflow")).api_key_env, "")
+    SECRETS.add([*(key.decode() for key in load_api_keys(config.server)), upstream_key])  # never logged
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",

@@ -28,7 +28,9 @@ from server.cli_flags import (
 )
 from server.config import Config, ConfigError, effective_config
 from server.engine_api import Engine
+from server.logs import LOG_FORMATS, configure_logging
 from server.routes.deps import ServingState
+from server.tracing import setup_tracing
 
 log = logging.getLogger("glm_serve.cli")
 SHUTDOWN_GRACE_S = 2.0  # after the drain: how long uvicorn waits for connections before cancelling them
@@ -99,6 +101,7 @@ def serve(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     try:
         cfg = config_from_args(args, extra)
         log.info("configuration (key = value  [source]):\n%s", format_config(cfg, only_set=True))
+        setup_tracing()
         if not fits_before_loading(cfg):
             return 2
         app = create_app(
@@ -147,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(serve_cmd)
     remember_flag_names(serve_cmd)
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve_cmd.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="text lines, or one JSON object per line"
+    )
     serve_cmd.add_argument("--engine-factory", help=argparse.SUPPRESS)  # tests: "module:callable"
     serve_cmd.set_defaults(func=serve)
     config_cmd = commands.add_parser("config", help="the effective configuration, with each key's source")
@@ -193,17 +199,13 @@ def write_tiny_glm5(args: argparse.Namespace) -> int:
     return tiny_main([args.out_dir, "--seed", str(args.seed)])
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         configure_logging("info")
         return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]))
     args, extra = parse_args(argv)
-    configure_logging(getattr(args, "log_level", "info"))
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command in ("serve", "config"):
         return int(args.func(args, extra))
     return int(args.func(args))

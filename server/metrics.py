@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -26,8 +25,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import tracing
 from server.engine_api import Engine
 from server.errors import internal_error, tracebacks
+from server.logs import bind_request, request_id_of
 
 access_log = logging.getLogger("glm_serve.access")
 log = logging.getLogger("glm_serve.http")
@@ -244,18 +245,17 @@ class UsageSink(Protocol):
 
 
 def _served_headers(headers: list[tuple[bytes, bytes]], access: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    """X-Served-By (local | holysheep) and X-Upstream-Model from the access fields, and an X-Request-Id
-    on every answer (errors included) so a client can find its ledger row."""
+    """X-Served-By (local | holysheep) and X-Upstream-Model from the access fields, and on every answer
+    (errors included) the request id as X-Request-Id (server/logs.py: the client's own, when it sent a
+    valid one), so a client can find its log lines and ledger row."""
+    headers = [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
     present = {name.lower() for name, _ in headers}
-    extra = []
-    if "id" not in access:
-        access["id"] = f"req-{uuid.uuid4().hex[:12]}"
-    for header, field_name in ((b"x-request-id", "id"), (b"x-served-by", "served_by"),
-                               (b"x-upstream-model", "upstream_model")):  # fmt: skip
+    extra = [(b"x-request-id", request_id_of(access).encode())]
+    for header, field_name in ((b"x-served-by", "served_by"), (b"x-upstream-model", "upstream_model")):
         value = access.get(field_name)
         if value and header not in present:
             extra.append((header, str(value).encode()))
-    return [*headers, *extra] if extra else headers
+    return [*headers, *extra]
 
 
 class InFlight(Protocol):
@@ -301,28 +301,37 @@ class RequestObserver:
                 message = {**message, "headers": _served_headers(message.get("headers", []), access)}
             await send(message)
 
-        try:
-            await self.app(scope, receive, observing_send)
-        except Exception as exc:
-            request_id = access.get("id") or access.setdefault("id", f"req-{uuid.uuid4().hex[:12]}")
-            tracebacks.log(
-                log, exc, "unhandled error in %s %s (request id %s)", scope["method"], path, request_id
-            )
-            status = 500
-            if not response_started:
-                await internal_error(request_id).response(path)(scope, receive, send)
-        finally:
-            status = access.pop("status", status)
-            route = scope.get("route")
-            route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
-            self.metrics.http_requests.labels(scope["method"], route_path, str(status)).inc()
-            latency_s = time.perf_counter() - started
-            if self.usage is not None:
-                try:
-                    self.usage.record(scope, status, started_at, latency_s, access)
-                except Exception:
-                    log.exception("usage row for %s not recorded", access.get("id"))
-            self._log(scope, path, status, latency_s, access)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        with bind_request(access, headers), tracing.server_span(scope["method"], path, headers) as span:
+            try:
+                await self.app(scope, receive, observing_send)
+            except Exception as exc:
+                request_id = request_id_of(access)
+                tracebacks.log(
+                    log, exc, "unhandled error in %s %s (request id %s)", scope["method"], path, request_id
+                )
+                status = 500
+                if not response_started:
+                    await internal_error(request_id).response(path)(scope, receive, send)
+            finally:
+                status = access.pop("status", status)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                self._finish(scope, path, status, started, started_at, access)
+
+    def _finish(
+        self, scope: Scope, path: str, status: int, started: float, started_at: float, access: dict[str, Any]
+    ) -> None:
+        route = scope.get("route")
+        route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
+        self.metrics.http_requests.labels(scope["method"], route_path, str(status)).inc()
+        latency_s = time.perf_counter() - started
+        if self.usage is not None:
+            try:
+                self.usage.record(scope, status, started_at, latency_s, access)
+            except Exception:
+                log.exception("usage row for %s not recorded", request_id_of(access))
+        self._log(scope, path, status, latency_s, access)
 
     def _log(self, scope: Scope, path: str, status: int, latency_s: float, access: dict[str, Any]) -> None:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
@@ -334,7 +343,8 @@ class RequestObserver:
             "method": scope["method"],
             "path": path,
             "status": status,
+            "request_id": request_id_of(access),
             **access,
             "latency_s": round(latency_s, 4),
         }
-        access_log.log(level, json.dumps(line, default=str))
+        access_log.log(level, json.dumps(line, default=str), extra={"access": line})

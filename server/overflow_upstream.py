@@ -96,6 +96,7 @@ class UpstreamClient:
         self,
         path: str,
         body: dict[str, Any],
+        headers: dict[str, str] | None = None,
         *,
         budget_s: float | None = None,
         on_failure: Callable[[UpstreamError], None] | None = None,
@@ -118,7 +119,7 @@ class UpstreamClient:
             limit = min(cfg.connect_timeout_s + cfg.first_byte_timeout_s, remaining)
             try:
                 with anyio.fail_after(limit):
-                    return await self._attempt(path, body)
+                    return await self._attempt(path, body, headers or {})
             except UpstreamError as exc:
                 error = exc
             except TimeoutError:
@@ -133,8 +134,8 @@ class UpstreamClient:
                 break
         raise error
 
-    async def _attempt(self, path: str, body: dict[str, Any]) -> Opened:
-        request = self._client.build_request("POST", path.lstrip("/"), json=body)
+    async def _attempt(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Opened:
+        request = self._client.build_request("POST", path.lstrip("/"), json=body, headers=headers)
         response = await self._client.send(request, stream=True)
         try:
             if response.status_code >= 400:

@@ -23,13 +23,16 @@ import queue
 import sqlite3
 import threading
 import time
-import uuid
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, Request
+
 from server.config import ANONYMOUS_KEY, Config, ConfigError
+from server.logs import request_id_of
+from server.usage_schema import SchemaTooNew, migrate
 
 log = logging.getLogger("glm_serve.usage")
 METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
@@ -164,15 +167,10 @@ class UsageRow:
     cost_usd: float | None = None  # on the backend that served it
     official_usd: float | None = None
     holysheep_usd: float | None = None
+    api: str | None = None  # chat | completions | messages | responses (schema version 2)
 
 
 COLUMNS = [f.name for f in fields(UsageRow)]
-_SQL_TYPES = {"float": "REAL", "int": "INTEGER", "str": "TEXT", "bool": "INTEGER"}
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY, "
-    + ", ".join(f"{f.name} {_SQL_TYPES[str(f.type).split(' ')[0]]}" for f in fields(UsageRow))
-    + ");\nCREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);"
-)
 INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _STOP = object()
 
@@ -193,7 +191,9 @@ class UsageLedger:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = connect(path)
-            self._db.executescript(SCHEMA)
+            migrate(self._db, path)
+        except SchemaTooNew as exc:
+            raise ConfigError(f"usage ledger: {exc}") from None
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"usage ledger {path}: {exc}") from None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -273,6 +273,16 @@ def _values(row: UsageRow) -> tuple[Any, ...]:
 
 
 # -- rows from the access fields of a request --------------------------------------------------------------
+def usage_api(name: str) -> Any:
+    """Route dependency naming the API a request came through (its row's `api`: chat | completions |
+    messages | responses). Route dependencies run before the body is validated: a 400 is named too."""
+
+    def name_api(request: Request) -> None:
+        request.scope.setdefault("state", {}).setdefault("access", {})["api"] = name
+
+    return Depends(name_api)
+
+
 class UsageRecorder:
     """Turns one finished HTTP request (its access fields) into one ledger row."""
 
@@ -302,11 +312,12 @@ class UsageRecorder:
         reasons = access.get("finish_reasons")
         row = UsageRow(
             ts=started_at,
-            request_id=str(access.get("id") or f"req-{uuid.uuid4().hex[:12]}"),
+            request_id=request_id_of(access),
             key_id=key_id,
             model=str(access.get("model") or ""),
             backend=str(access.get("served_by") or "local"),
             endpoint=scope["path"],
+            api=access.get("api"),
             status=status,
             prompt_tokens=int(access.get("prompt_tokens") or 0),
             completion_tokens=int(access.get("completion_tokens") or 0),

@@ -26,6 +26,7 @@ from typing import Any
 
 from server.config import CONFIG_DIR, ConfigError, load_config
 from server.usage import UsageConfig, parse_usage_config
+from server.usage_schema import SchemaTooNew, check_not_newer
 
 GROUP_COLUMNS = {"model": "model", "key": "key_id", "backend": "backend"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -123,6 +124,7 @@ def build_report(db_path: Path, cfg: UsageConfig, since: str | None = None, by: 
     where, params = ("WHERE ts >= ?", (start,)) if start is not None else ("", ())
     groups: list[dict[str, Any]] = []
     with closing(sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+        check_not_newer(db, db_path)
         db.row_factory = sqlite3.Row
         totals = dict(db.execute(f"SELECT {_AGGREGATES} FROM usage {where}", params).fetchone())
         if by is not None:
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not db_path.is_file():
             raise ValueError(f"no usage ledger at {db_path}")
         print(render(build_report(db_path, cfg, args.since, args.by), args.format))
-    except (ConfigError, ValueError, sqlite3.Error) as exc:
+    except (ConfigError, ValueError, SchemaTooNew, sqlite3.Error) as exc:
         print(f"glm-serve usage: {exc}", file=sys.stderr)
         return 2
     return 0

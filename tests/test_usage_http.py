@@ -171,6 +171,9 @@ def mixed(deploy) -> tuple[Deployment, list[Seen]]:  # noqa: F811
     return d, seen
 
 
+API_OF = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}  # usage.api, by route
+
+
 def test_one_row_per_request_with_the_counts_the_client_saw(mixed):
     d, seen = mixed
     rows = ledger_rows(d)
@@ -185,6 +188,7 @@ def test_one_row_per_request_with_the_counts_the_client_saw(mixed):
         assert row["status"] == s.status, (kind, row)
         assert row["key_id"] == api_key_id(s.spec.key)
         assert row["endpoint"] == s.spec.path and row["latency_s"] > 0
+        assert row["api"] == (API_OF[s.spec.path] if s.status != 401 else None)  # 401: before routing
         if kind in ("local", "overflow"):
             backend = "local" if kind == "local" else "holysheep"
             assert s.status == 200 and row["backend"] == s.served_by == backend

@@ -50,6 +50,7 @@ from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 from server.scheduler.request import SamplingParams
+from server.usage import usage_api
 
 router = APIRouter()
 
@@ -65,7 +66,7 @@ class ChatContext:
     encoder: ChunkEncoder
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, dependencies=[usage_api("chat")])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)

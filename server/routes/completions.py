@@ -28,6 +28,7 @@ from server.routes.deps import (
 from server.routes.generation import Generation, completion_response, respond
 from server.routes.sampling import check_common_fields, resolve_max_tokens, to_sampling_params
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
+from server.usage import usage_api
 
 router = APIRouter()
 
@@ -83,7 +84,7 @@ class CompletionContext:
     token_strings: list[list[str]]  # per prompt, for echoed logprobs
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, dependencies=[usage_api("completions")])
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)

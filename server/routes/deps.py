@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
+from server import tracing
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.engine_api import Engine
 from server.errors import bad_request, model_not_found, unavailable
@@ -142,6 +143,11 @@ async def run_in_pool(state: ServingState, fn: Any, *args: Any, **kwargs: Any) -
 def admit(state: ServingState, engine: Engine, request: Request, *, sequences: int, tokens: int) -> Decision:
     """Local, overflow or 503 (server/overflow.py: decide). `sequences` and `tokens` are what this request
     adds to the waiting queue (n x prompts, and their prompt tokens times n)."""
+    with tracing.span("admission"):
+        return _admit(state, engine, request, sequences, tokens)
+
+
+def _admit(state: ServingState, engine: Engine, request: Request, sequences: int, tokens: int) -> Decision:
     if state.draining:
         raise unavailable(
             "The server is shutting down and admits no new requests.", 5.0, code="server_draining"

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server import tracing
 from server.engine_api import Delta, Engine, EngineDeadError, EngineError, GenerateRequest
 from server.errors import bad_request, unavailable
 from server.metrics import ServerMetrics
@@ -37,6 +38,8 @@ class ClientDisconnected(Exception):
 @dataclass(slots=True)
 class ChoiceState:
     arrival: float
+    scheduled_time: float | None = None  # first scheduled by the engine (end of queueing)
+    first_token_time: float | None = None
     last_token_time: float | None = None
     num_output_tokens: int = 0
     finish_reason: str | None = None
@@ -115,6 +118,7 @@ class Generation:
             if choice.last_token_time is None:
                 first = delta.first_token_time or now
                 scheduled = getattr(delta, "scheduled_time", None) or first
+                choice.scheduled_time, choice.first_token_time = scheduled, first
                 self.metrics.observe_first_token(first - choice.arrival, scheduled - choice.arrival)
                 if self.first_token_time is None:
                     self.first_token_time = first
@@ -131,6 +135,8 @@ class Generation:
             self.metrics.observe_finished(
                 delta.finish_reason, now - choice.arrival, delta.num_prompt_tokens, choice.num_output_tokens
             )
+            if choice.first_token_time is not None and choice.scheduled_time is not None:
+                tracing.record_phases(choice.arrival, choice.scheduled_time, choice.first_token_time, now)
 
     # -- results --------------------------------------------------------------------------------------
     def usage(self) -> Usage:

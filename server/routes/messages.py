@@ -26,6 +26,7 @@ from server.routes.anthropic_events import AnthropicEncoder
 from server.routes.chat import render_prompt
 from server.routes.deps import get_state, ready_engine
 from server.routes.translated_chat import TranslatedRequest, serve_translated
+from server.usage import usage_api
 
 router = APIRouter()
 
@@ -38,7 +39,7 @@ def agent_apis_config(request: Request) -> AgentApisConfig:
     return app_state.agent_apis
 
 
-@router.post("/v1/messages", response_model=None)
+@router.post("/v1/messages", response_model=None, dependencies=[usage_api("messages")])
 async def create_message(body: MessagesRequest, request: Request) -> Response:
     state = get_state(request)
     ready_engine(state, allow_unhealthy=state.overflow is not None)
@@ -48,7 +49,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     if budget is not None and budget >= body.max_tokens:
         raise bad_request("`max_tokens` must be greater than `thinking.budget_tokens`.", param="max_tokens")
     translated = TranslatedRequest(
-        api="messages", id_prefix="msg", chat=to_chat_request(body), model=served,
+        id_prefix="msg", chat=to_chat_request(body), model=served,
         make_encoder=lambda request_id: AnthropicEncoder(request_id, body.model), reasoning_budget=budget,
     )  # fmt: skip
     return await serve_translated(request, translated)

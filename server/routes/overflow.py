@@ -21,8 +21,10 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
+from server import tracing
 from server.config import Config, ConfigError
 from server.errors import APIError
+from server.logs import request_id_of, upstream_headers
 from server.metrics import ServerMetrics
 from server.overflow import (
     BreakerState,
@@ -140,30 +142,38 @@ class OverflowService:
             budget = min(budget, self.policy.circuit_breaker.probe_timeout_s)
         self.metrics.overflow_requests.labels(decision.reason.value).inc()
         tally = Tally(local_prompt_tokens=prompt_tokens)
+        call = tracing.start_span("upstream call", **{"glm_serve.upstream_model": remote})
+        headers = upstream_headers(access, call, request.headers)  # X-Request-Id, traceparent
         attempt = self.client.open(
-            path, body, budget_s=budget, on_failure=lambda _: self.breaker.record_failure()
+            path, body, headers, budget_s=budget, on_failure=lambda _: self.breaker.record_failure()
         )
         try:
             opened = await until_disconnected(request, _unless_circuit_opens(attempt, self.breaker))
         except CircuitOpened:
+            tracing.end_span(call, "the circuit opened")
             self.breaker.release()
             return self._fall_back(
                 access, local, "circuit_open", "the circuit opened while this request waited"
             )
         except ClientDisconnected:
+            tracing.end_span(call, "the client left")
             self.breaker.release()
             tally.ended = "abort"
             access.update(status=499, served_by=UPSTREAM_NAME, upstream_model=remote, **tally.access_fields())
             return Response(status_code=499)
         except UpstreamError as exc:  # failed attempts were counted by the breaker as they happened
+            tracing.end_span(call, str(exc))
             self.metrics.overflow_failures.inc()
             if not exc.breaker:  # the upstream answered: it is up, it refused this request
                 self.breaker.record_success()
             log.warning("overflow of %s failed before the first byte: %s", request_id, exc)
             return self._fall_back(access, local, "upstream_failed", str(exc))
+        except BaseException:  # cancelled: the span still ends
+            tracing.end_span(call, "cancelled")
+            raise
         self.breaker.record_success()
         access.update(served_by=UPSTREAM_NAME, upstream_model=remote)
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": request_id_of(access)}
         idle_timeout = self.policy.upstream.idle_timeout_s
         if stream:
             make_rewriter = translation.rewriter if translation is not None else SseRewriter
@@ -175,10 +185,16 @@ class OverflowService:
                 if tally.ended == "error":
                     self._failed_after_first_byte(request_id)
                 access.update(tally.access_fields())
+                tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
 
             return UpstreamStream(stream_events(opened, rewriter, idle_timeout), opened, on_close, headers)
         rewrite = translation.rewrite_json if translation is not None else rewrite_json
-        return await self._complete(request, opened, tally, access, model, request_id, idle_timeout, rewrite)
+        try:
+            return await self._complete(
+                request, opened, tally, access, model, request_id, idle_timeout, rewrite
+            )
+        finally:
+            tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
 
     async def _complete(
         self,
@@ -206,7 +222,7 @@ class OverflowService:
         if tally.ended == "error":
             self._failed_after_first_byte(request_id)
         access.update(tally.access_fields())
-        response.headers["X-Request-Id"] = request_id
+        response.headers["X-Request-Id"] = request_id_of(access)
         return response
 
     def _failed_after_first_byte(self, request_id: str) -> None:

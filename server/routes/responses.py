@@ -18,6 +18,7 @@ from server.routes.deps import get_state, ready_engine, request_key
 from server.routes.messages import agent_apis_config, chat_request
 from server.routes.responses_events import ResponsesEncoder
 from server.routes.translated_chat import TranslatedRequest, serve_translated
+from server.usage import usage_api
 
 router = APIRouter()
 
@@ -37,7 +38,7 @@ def not_found(response_id: str, param: str | None = None) -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", param=param, code="not_found")
 
 
-@router.post("/v1/responses", response_model=None)
+@router.post("/v1/responses", response_model=None, dependencies=[usage_api("responses")])
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state = get_state(request)
     ready_engine(state, allow_unhealthy=state.overflow is not None)
@@ -69,7 +70,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         "metadata": body.metadata or {}, "user": body.user, "background": False, "truncation": "disabled",
     }  # fmt: skip
     translated = TranslatedRequest(
-        api="responses", id_prefix="resp", chat=chat, model=served,
+        id_prefix="resp", chat=chat, model=served,
         make_encoder=lambda request_id: ResponsesEncoder(request_id, echo, on_done),
     )  # fmt: skip
     return await serve_translated(request, translated)

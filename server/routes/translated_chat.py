@@ -38,7 +38,6 @@ KEEPALIVE_S = 10.0  # a stream silent this long gets the API's keep-alive event 
 
 @dataclass(slots=True)
 class TranslatedRequest:
-    api: str  # messages | responses: the ledger's `api` column
     id_prefix: str  # msg | resp
     chat: ChatCompletionRequest  # the internal request (its model is the served one, or None)
     model: str  # the served model's name (the ledger's); the encoder names the model the client asked for
@@ -49,7 +48,6 @@ class TranslatedRequest:
 async def serve_translated(request: Request, translated: TranslatedRequest) -> Response:
     state = get_state(request)
     access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
-    access["api"] = translated.api
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     chat = translated.chat
     prepared = await prepare_chat(chat, engine, state)

@@ -81,12 +81,12 @@ def test_glm_tools_and_thinking_switch_reach_the_template(glm_server):
 def test_output_processor_choice_and_tool_calls():
     glm = SimpleNamespace(chat_template="[gMASK]<sop>{{ '<|assistant|>' }}<tool_call><arg_key>")
     other = SimpleNamespace(chat_template="{{ '<|im_start|>' }}")
-    assert isinstance(make_output_processor(other, "x", None, {}), PassThroughProcessor)
+    assert isinstance(make_output_processor(other, "x", None), PassThroughProcessor)
     samples = [json.loads(line) for line in SAMPLES.read_text().splitlines()] if SAMPLES.exists() else []
     sample = next((s for s in samples if s["id"] == "vllm45_single_tool_call"), None)
     if sample is None:
         pytest.skip(f"shared GLM samples not found at {SAMPLES}")
-    processor = make_output_processor(glm, "<|assistant|>", sample["tools"], {})
+    processor = make_output_processor(glm, "<|assistant|>", sample["tools"])
     assert isinstance(processor, GlmProcessor)
     deltas = [processor.feed(ch) for ch in sample["raw"]] + [processor.finish()]
     calls = [c for d in deltas for c in d.tool_calls]

@@ -29,11 +29,13 @@ from server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
 )
+from server.routes.chat_constraints import resolve_output_plan, template_kwargs_for
 from server.routes.chat_output import (
     MessageAccumulator,
     MessageDelta,
     OutputProcessor,
     chat_logprobs,
+    glm_format_of,
     make_output_processor,
 )
 from server.routes.deps import admit, check_model, get_state, ready_engine, serve_overflow
@@ -65,14 +67,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
-    prompt_text, prompt_ids, tools, template_kwargs = _render_prompt(body, engine)
+    prompt_text, prompt_ids, tools = _render_prompt(body, engine)
+    plan = resolve_output_plan(
+        body, tools=tools, prompt_text=prompt_text,
+        glm_format=state.config.server.tool_call_parser or glm_format_of(engine.tokenizer),
+        tokenizer=engine.tokenizer,
+    )  # fmt: skip
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     defaults = state.sampling_defaults
     max_tokens = resolve_max_tokens(
         requested, len(prompt_ids), engine.max_model_len, "messages", defaults.max_tokens
     )
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults)
+    params = to_sampling_params(
+        body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults, structured=plan.structured
+    )
     decision = admit(state, engine, request)
     overflowed = await serve_overflow(
         state, engine, request, decision, path="chat/completions", prompt_tokens=len(prompt_ids)
@@ -84,11 +93,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     access = request.scope.setdefault("state", {}).setdefault("access", {})
     access.update(id=request_id, model=model, stream=body.stream, prompt=prompt_text, served_by="local")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    parser_name = state.config.server.tool_call_parser
     processors = [
-        make_output_processor(
-            engine.tokenizer, prompt_text, tools, template_kwargs, state.config.server.tool_call_parser
-        )
-        for _ in range(body.n)
+        make_output_processor(engine.tokenizer, prompt_text, tools, plan, parser_name) for _ in range(body.n)
     ]
     created = int(time.time())
     encoder = ChunkEncoder(request_id, "chat.completion.chunk", created, model)
@@ -103,11 +110,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )  # fmt: skip
 
 
-def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None, dict]:
+def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, list[int], list | None]:
     messages = normalize_messages(body.messages)
     add_json_object_hint(messages, body.response_format)
     tools = select_tools(body.tools, body.tool_choice)
-    template_kwargs = check_template_kwargs(body.chat_template_kwargs)
+    template_kwargs = template_kwargs_for(body, check_template_kwargs(body.chat_template_kwargs))
     prompt_text = render_chat(
         engine.tokenizer, messages, tools=tools, add_generation_prompt=body.add_generation_prompt,
         template_kwargs=template_kwargs,
@@ -116,7 +123,6 @@ def _render_prompt(body: ChatCompletionRequest, engine: Engine) -> tuple[str, li
         prompt_text,
         encode_prompt(engine.tokenizer, prompt_text, add_special_tokens=False),
         tools,
-        template_kwargs,
     )
 
 

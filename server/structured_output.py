@@ -19,6 +19,10 @@ from typing import Any, Literal
 
 from server.errors import bad_request
 
+# JSON is written as json.dumps writes it ({"a": 1, "b": [1, 2]}): no free whitespace, in which small
+# models loop until max_tokens (vLLM's disable_any_whitespace; the vLLM backend sets it).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json", "json_object", "regex", "choice", "grammar")
 
@@ -47,9 +51,9 @@ def llguidance_grammar(constraint: StructuredOutput) -> str:
 
     kind, value = constraint.kind, constraint.value
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(value)
+        return llguidance.LLMatcher.grammar_from_json_schema(value, overrides=JSON_LAYOUT)
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_LAYOUT)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":
@@ -151,3 +155,30 @@ def only_one(*constraints: tuple[str, StructuredOutput | None]) -> StructuredOut
             f"'{given[0][0]}' and '{given[1][0]}' both constrain the output; give one.", param=given[1][0]
         )
     return given[0][1] if given else None
+
+
+def reasoning_prefixed_lark(constraint: StructuredOutput, think_close_is_token: bool) -> str | None:
+    """For an engine that cannot start a constraint late (vLLM without a reasoning parser): the
+    constraint as a Lark grammar that first lets the reasoning run free up to `starts_after`. None for a
+    user-written grammar (it is used as given) or a constraint without `starts_after`."""
+    if constraint.starts_after is None:
+        return None
+    kind, value = constraint.kind, constraint.value
+    if kind == "json":
+        body = "%json " + json.dumps({**value, "x-guidance": JSON_LAYOUT})
+    elif kind == "json_object":
+        body = "%json " + json.dumps({"type": "object", "x-guidance": JSON_LAYOUT})
+    elif kind == "regex":
+        body = "/" + value.replace("/", "\\/") + "/"
+    elif kind == "choice":
+        body = "(" + " | ".join(json.dumps(c) for c in value) + ")"
+    elif constraint.value.startswith("start: "):  # the tool-call grammars of structured_output_tools
+        body = "body_start"
+        value = value.replace("start: ", "body_start: ", 1)
+    else:
+        return None
+    close = constraint.starts_after if think_close_is_token else json.dumps(constraint.starts_after)
+    rules = [f"start: REASONING? {close} body", f"body: {body}", r"REASONING: /(?s:.+)/"]
+    if body == "body_start":
+        rules.append(value)
+    return "\n".join(rules)

@@ -6,8 +6,8 @@ the output into tool_calls as it does for any call:
     <tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>
 
 Each tool's arguments follow its declared properties in order (required ones always, the others
-optionally); a string-typed value is raw text, an enum of strings one of its strings, any other value
-JSON that its own schema (with the root's $defs) constrains. GLM-4.5/4.6 templates put newlines between
+optionally); a string-typed value is raw text without '<' (up to its maxLength), an enum of strings one
+of its strings, any other value JSON that its own schema (with the root's $defs) constrains. GLM-4.5/4.6 templates put newlines between
 the tags; GLM-4.7/GLM-5 write them inline.
 
 Other models (SmolLM2 included) have no known tool syntax: as vLLM does, the output is constrained to a
@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from server.parsers.tags import CALL_CLOSE, CALL_OPEN, KEY_CLOSE, KEY_OPEN, VALUE_CLOSE, VALUE_OPEN
-from server.structured_output import StructuredOutput, check
+from server.structured_output import JSON_LAYOUT, StructuredOutput, check
 
 # A raw string value: text up to the closing tag. llguidance's lexer does not backtrack, so a value that
 # could go on with '<' would never see its `</arg_value>`: a constrained string value has no '<'.
@@ -97,8 +97,11 @@ def _value(schema: Any, defs: dict[str, Any]) -> str:
         return "(" + " | ".join(json.dumps(v) for v in enum) + ")"
     declared = schema.get("type")
     if declared == "string" and "$ref" not in schema:
+        longest = schema.get("maxLength")
+        if isinstance(longest, int) and longest > 0:
+            return f"/[^<]{{1,{longest}}}/?"
         return "STR?"
-    return "%json " + json.dumps({**schema, **defs}, ensure_ascii=False)
+    return "%json " + json.dumps({**schema, **defs, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
 
 
 def json_tool_call_constraint(

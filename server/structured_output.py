@@ -177,8 +177,11 @@ def reasoning_prefixed_lark(constraint: StructuredOutput, think_close_is_token: 
         value = value.replace("start: ", "body_start: ", 1)
     else:
         return None
-    close = constraint.starts_after if think_close_is_token else json.dumps(constraint.starts_after)
-    rules = [f"start: REASONING? {close} body", f"body: {body}", r"REASONING: /(?s:.+)/"]
+    if think_close_is_token:  # text never matches the token: free text up to it
+        rules = [f"start: REASONING? {constraint.starts_after} body", r"REASONING: /(?s:.+)/"]
+    else:  # free text up to the first occurrence of the closing text
+        rules = ["start: reasoning body", f"reasoning[stop={json.dumps(constraint.starts_after)}]: /(?s:.*)/"]
+    rules.append(f"body: {body}")
     if body == "body_start":
         rules.append(value)
     return "\n".join(rules)

@@ -93,9 +93,11 @@ def test_parse_pydantic_model_streaming_every_seed(server, client):
 def test_json_object_is_valid_json_every_seed(server, client):
     model = server.serving.served_model_name
 
+    messages = [{"role": "user", "content": "Reply with a JSON object with the name and age of a person."}]
+
     def one(seed: int) -> str:
         response = client.chat.completions.create(
-            model=model, messages=MESSAGES, response_format={"type": "json_object"}, temperature=1.0,
+            model=model, messages=messages, response_format={"type": "json_object"}, temperature=1.0,
             seed=seed, max_tokens=400,
         )  # fmt: skip
         return response.choices[0].message.content
@@ -239,3 +241,21 @@ def test_reasoning_effort_none_accepted(server, client):
 )  # fmt: skip
 def test_structured_output_errors_are_400_naming_the_field(server, body, param):
     assert_error(post_chat(server, **body), 400, param=param)
+
+
+def test_langchain_structured_output_and_bind_tools(server):
+    from langchain_openai import ChatOpenAI
+
+    from tests.conftest import API_KEY
+
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key=API_KEY, model=server.serving.served_model_name,
+        temperature=1.0, seed=0, max_tokens=80, timeout=600, max_retries=0,
+    )  # fmt: skip
+    for method in ("json_schema", "function_calling"):  # response_format json_schema; a named tool choice
+        assert isinstance(llm.with_structured_output(City, method=method).invoke("Describe a city."), City)
+    tools = [WEATHER, TIME]
+    named = llm.bind_tools(tools, tool_choice="get_time").invoke("Hi")
+    assert [c["name"] for c in named.tool_calls] == ["get_time"]
+    required = llm.bind_tools(tools, tool_choice="required", parallel_tool_calls=False).invoke("Hi")
+    assert len(required.tool_calls) == 1 and required.tool_calls[0]["name"] in ("get_weather", "get_time")

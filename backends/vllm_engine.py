@@ -25,6 +25,7 @@ from server.engine_api import (
     TopLogprob,
 )
 from server.scheduler.request import SamplingParams
+from server.structured_output import StructuredOutput, reasoning_prefixed_lark
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
 
         try:
-            params = to_vllm_params(request.params, request.n)
+            params = to_vllm_params(request.params, request.n, self.tokenizer)
         except (ValueError, VLLMClientError) as exc:  # vLLM's own validation (e.g. n > 1 with greedy)
             raise EngineError(str(exc)) from exc
         counts: dict[int, int] = {}
@@ -217,7 +218,7 @@ class VllmEngine:
                 await self._llm.abort(request.request_id)
 
 
-def to_vllm_params(p: SamplingParams, n: int) -> Any:
+def to_vllm_params(p: SamplingParams, n: int, tokenizer: Any = None) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -239,8 +240,27 @@ def to_vllm_params(p: SamplingParams, n: int) -> Any:
         logprobs=p.logprobs,
         include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=p.skip_special_tokens,
+        logit_bias=dict(p.logit_bias) or None,
+        structured_outputs=to_vllm_structured_outputs(p.structured, tokenizer),
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def to_vllm_structured_outputs(constraint: StructuredOutput | None, tokenizer: Any) -> Any:
+    """The request's constraint as vLLM's StructuredOutputsParams. A constraint that starts after the
+    reasoning (GLM's </think>) becomes a Lark grammar that lets the reasoning run first (vLLM's auto
+    backend hands Lark with %json to llguidance), since this engine runs vLLM without a reasoning parser."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    prefixed = reasoning_prefixed_lark(constraint, think_close_is_token=constraint.starts_after in added)
+    if prefixed is not None:
+        return StructuredOutputsParams(grammar=prefixed)
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    return StructuredOutputsParams(**{constraint.kind: constraint.value}, disable_any_whitespace=True)
 
 
 def _logprobs(entries, token_ids, k: int) -> list[TokenLogprob] | None:

@@ -117,6 +117,7 @@ class NativeEngine:
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.runner = TorchModelRunner(cfg, self.model_dir)
         self.runner.load_model()  # with tensor_parallel_size > 1, also starts the worker ranks
+        self.runner.enable_structured_outputs(self._detok_tokenizer, self.eos_token_ids)
         model_max = getattr(self.runner.hf_config, "max_position_embeddings", 4096)
         self.max_model_len = min(cfg.max_model_len or model_max, model_max)
         try:
@@ -235,6 +236,10 @@ class NativeEngine:
                 self._abort(payload)
 
     def _add(self, req: GenerateRequest, sink: asyncio.Queue) -> None:
+        refusal = self._refusal(req)
+        if refusal is not None:
+            self._publish([(sink, EngineError(refusal))])
+            return
         group = _Group(req, sink, live=req.n)
         for i in range(req.n):
             rid = req.request_id if req.n == 1 else f"{req.request_id}-{i}"
@@ -264,6 +269,18 @@ class NativeEngine:
         self._groups[req.request_id] = group
         self._stats["prompt_tokens_total"] += len(req.prompt_token_ids) * req.n
 
+    def _refusal(self, req: GenerateRequest) -> str | None:
+        """Why a request cannot be served at all (checked on the engine thread, before scheduling)."""
+        vocab = self.runner.hf_config.vocab_size
+        bad_bias = [t for t in req.params.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            return f"logit_bias names token id {bad_bias[0]}, outside the vocabulary (0..{vocab - 1})."
+        if req.params.structured is not None:
+            error = self.runner.compile_constraint(req.params.structured)
+            if error is not None:
+                return f"The structured-output constraint cannot be compiled for this model: {error}"
+        return None
+
     def _abort(self, request_id: str) -> None:
         """Abort every choice of a request (O(1) each); a consumer still listening gets a final "abort"
         delta. An id already finished or aborted is ignored."""
@@ -289,6 +306,8 @@ class NativeEngine:
 
     def step(self) -> None:
         out = self.scheduler.schedule()
+        for req in out.preempted:  # recomputed later: its grammar matcher is rebuilt from its tokens
+            self.runner.drop_constraint(req.request_id)
         self._mark_scheduled(out)
         sampled = self.runner.execute(out)
         finished = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})

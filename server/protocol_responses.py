@@ -85,12 +85,17 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> Any:
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat's response_format for the Responses API's text.format (json_schema is flat there: name, schema
+    and strict sit beside the type)."""
     fmt = (text or {}).get("format") or {}
     kind = fmt.get("type", "text")
     if kind in ("text", "json_object"):
         return {"type": kind}
+    if kind == "json_schema":
+        schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
+        return {"type": "json_schema", "json_schema": schema}
     raise bad_request(
-        f"text.format of type '{kind}' is not supported by this server yet (text and json_object are).",
+        f"text.format of type '{kind}' is not supported (text, json_object and json_schema are).",
         param="text.format.type",
     )
 

@@ -4,6 +4,7 @@ items on the tiny random GLM-5: tests/test_http_agents_glm.py."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import openai
@@ -95,7 +96,7 @@ def test_stored_responses_belong_to_their_key(keyed):
     [
         ({"tools": [{"type": "web_search"}]}, "web_search"),
         ({"background": True}, "background"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "json_schema"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input_image"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input_file"),
         ({"tool_choice": {"type": "file_search"}}, "file_search"),
@@ -108,6 +109,22 @@ def test_bad_requests_are_400_naming_the_problem(keyed, fields, names):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and names in error["message"] + str(error["param"])
+
+
+def test_text_format_json_schema_constrains_the_output(keyed):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "capital": {"type": "boolean"}},
+        "required": ["city", "capital"],
+        "additionalProperties": False,
+    }
+    response = keyed.client().responses.create(
+        input="Describe Paris as JSON.", max_output_tokens=100, store=False,
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    assert response.status == "completed", response
+    value = json.loads(response.output_text)
+    assert set(value) == {"city", "capital"} and isinstance(value["capital"], bool)
 
 
 def test_unknown_ids_are_404(keyed):

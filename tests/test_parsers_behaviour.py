@@ -133,12 +133,20 @@ def test_reasoning_and_content_are_separate_deltas() -> None:
 # ---- reasoning and content rules ----------------------------------------------------------------
 
 
-def test_tool_call_inside_reasoning_is_reasoning_text() -> None:
+def test_tool_call_inside_unclosed_reasoning_ends_it() -> None:
+    """Issue 14 changed this: a <tool_call> before </think> is a call (SGLang's and recent vLLM's GLM
+    handling), not reasoning text; the late </think> is dropped."""
     text = "Maybe " + call("get_weather", city="Oslo") + " first.</think>Done."
     message = parse_full(text, tools=[WEATHER], starts_in_reasoning=True)
-    assert message.tool_calls == []
-    assert message.reasoning == text.split("</think>")[0]
-    assert message.content == "Done."
+    assert [(c.name, json.loads(c.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    assert message.reasoning == "Maybe "
+    assert message.content == " first.Done."
+    unclosed = parse_full(
+        "Let me check." + call("get_weather", city="Rome"), tools=[WEATHER], starts_in_reasoning=True
+    )
+    assert (unclosed.reasoning, unclosed.content, len(unclosed.tool_calls)) == ("Let me check.", None, 1)
 
 
 def test_text_between_and_after_calls_is_joined_into_content() -> None:
@@ -373,3 +381,142 @@ def test_a_think_right_after_the_outputs_own_think_is_reasoning_text() -> None:
     pre_opened = GlmOutputParser(tools=[WEATHER], starts_in_reasoning=True)
     feed_all(pre_opened, ["<think>x</think>answer"])  # the template opened it: the repeat is dropped
     assert (pre_opened.result().reasoning, pre_opened.result().content) == ("x", "answer")
+
+
+# ---- issue 14: cases that lost or invented tool calls, whole and randomly chunked ------------------
+
+
+def _parse_chunked(text: str, seed: int, **kwargs: Any) -> tuple[str | None, str, list[tuple[str, Any]], Any]:
+    """Stream `text` in random pieces; the streamed reasoning, content and calls, and the final message."""
+    import random
+
+    rng = random.Random(seed)
+    pieces, position = [], 0
+    while position < len(text):
+        step = rng.randint(1, 7)
+        pieces.append(text[position : position + step])
+        position += step
+    parser = GlmOutputParser(**kwargs)
+    deltas = feed_all(parser, pieces)
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        for c in d.tool_calls:
+            slot = calls.setdefault(c.index, ["", ""])
+            slot[0] += c.name or ""
+            slot[1] += c.arguments
+    streamed = [(name, json.loads(args)) for name, args in (calls[i] for i in sorted(calls))]
+    reasoning = "".join(d.reasoning for d in deltas)
+    content = "".join(d.content for d in deltas)
+    return reasoning, content, streamed, parser.result()
+
+
+ISSUE_CASES = [
+    # (text, parser kwargs, expected content, expected calls [(name, arguments)])
+    (
+        "Let me look." + call("get_weather", city="Oslo"),
+        {"tools": [WEATHER], "starts_in_reasoning": True},
+        None,
+        [("get_weather", {"city": "Oslo"})],
+    ),
+    (
+        call("get_weather", city="Oslo"),
+        {"tools": None, "parse_tools": False},
+        call("get_weather", city="Oslo"),
+        [],
+    ),
+    (
+        "<tool_call>f<arg_value>3</arg_value></tool_call>",
+        {"tools": [WEATHER]},
+        "<tool_call>f<arg_value>3</arg_value></tool_call>",
+        [],
+    ),
+    (
+        call("get_weather", city="Oslo") + "</tool_call>",
+        {"tools": [WEATHER]},
+        None,
+        [("get_weather", {"city": "Oslo"})],
+    ),
+    (
+        call("get_weather", city="Oslo") + "\n</tool_call>\n" + call("get_weather", city="Rome"),
+        {"tools": [WEATHER]},
+        None,
+        [("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Rome"})],
+    ),
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize(("text", "kwargs", "content", "calls"), ISSUE_CASES)
+def test_issue_cases_whole_and_chunked(text, kwargs, content, calls, seed) -> None:
+    whole = parse_full(text, **kwargs)
+    assert whole.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == calls
+    _, streamed_content, streamed_calls, final = _parse_chunked(text, seed, **kwargs)
+    assert streamed_calls == calls and (streamed_content or None) == content
+    assert final.content == content
+
+
+def test_duplicate_argument_keys_keep_the_last_value() -> None:
+    text = call("get_weather", city="Oslo", days=1)[: -len("</tool_call>")]
+    text += "<arg_key>city</arg_key><arg_value>Rome</arg_value></tool_call>"
+    for seed in range(6):
+        _, _, streamed, final = _parse_chunked(text, seed, tools=[WEATHER])
+        (only,) = final.tool_calls
+        assert only.arguments == '{"days": 1, "city": "Rome"}'
+        assert streamed == [("get_weather", {"days": 1, "city": "Rome"})]  # JSON readers keep the last key
+
+
+SCHEMA_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {
+            "type": "object",
+            "$defs": {"Point": {"type": "object"}, "Count": {"type": "integer"}},
+            "properties": {
+                "point": {"$ref": "#/$defs/Point"},
+                "count": {"allOf": [{"$ref": "#/$defs/Count"}]},
+                "ratio": {"type": "number"},
+                "mode": {"enum": [1, 2]},
+                "names": {"type": "array"},
+                "flag": {"type": "boolean"},
+                "nothing": {"type": "null"},
+                "label": {"enum": ["a", "b"]},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("point", "{'x': 1}", {"x": 1}),
+        ("count", '"5"', 5),
+        ("count", "7", 7),
+        ("ratio", '"2.5"', 2.5),
+        ("ratio", "'3'", 3.0),
+        ("mode", "2", 2),
+        ("names", "['a', 'b']", ["a", "b"]),
+        ("flag", "True", True),
+        ("nothing", "None", None),
+        ("label", "a", "a"),
+        ("count", "many", "many"),
+    ],
+)
+def test_argument_values_typed_by_schema_with_python_literal_fallback(key, raw, expected) -> None:
+    text = call("f", **{key: raw})
+    for seed in range(3):
+        _, _, streamed, final = _parse_chunked(text, seed, tools=[SCHEMA_TOOL])
+        assert json.loads(final.tool_calls[0].arguments) == {key: expected}
+        assert streamed == [("f", {key: expected})]
+
+
+def test_schema_types_follow_ref_allof_and_enum() -> None:
+    root = SCHEMA_TOOL["function"]["parameters"]
+    props = root["properties"]
+    assert schema_types(props["point"], root) == {"object"}
+    assert schema_types(props["count"], root) == {"integer"}
+    assert schema_types(props["mode"], root) == {"integer"}
+    assert schema_types(props["label"], root) == {"string"}
+    assert coerce_value("'x'", frozenset({"integer"})) == "x"

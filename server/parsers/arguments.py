@@ -5,15 +5,21 @@ the JSON text of any other value (the chat template applies `tojson` to non-stri
 JSON-schema type decides how V is read:
 
 * "string" among its types: V verbatim, even when it looks like a number or JSON.
-* integer / number / boolean / object / array / null: V is parsed as JSON; when that fails the raw text
-  is kept as a string. Object/array values that were string-escaped one extra time
-  (`[{\\"id\\": 1}]`) are un-escaped once before giving up (models do emit this).
+* integer / number / boolean / object / array / null: V is parsed as JSON, else as a Python literal
+  (`{'k': 1}`, `['a']`, `None`, `True`: models write these); when both fail the raw text is kept as a
+  string. A quoted number (`"5"`) becomes a number when the schema allows integer or number and not
+  string. Object/array values that were string-escaped one extra time (`[{\\"id\\": 1}]`) are
+  un-escaped once before giving up (models do emit this).
 * no known type (tool or parameter not in the schema, or a schema without "type"): JSON if V parses as
-  JSON, else the raw text.
+  JSON, else a Python literal, else the raw text.
+
+A parameter's types come from its "type", and through "$ref" (into the parameters' "$defs" /
+"definitions"), "anyOf", "oneOf" and "allOf"; an enum without a type has the types of its values.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -33,9 +39,13 @@ def _loads(text: str) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
-def schema_types(schema: Any) -> frozenset[str]:
-    """The JSON types a parameter schema allows: its "type" (a string or a list) and those of anyOf/oneOf."""
-    if not isinstance(schema, dict):
+_ENUM_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def schema_types(schema: Any, root: Any = None, _depth: int = 0) -> frozenset[str]:
+    """The JSON types a parameter schema allows: its "type" (a string or a list), those of anyOf / oneOf /
+    allOf and of the schema a local "$ref" points at (in `root`), or the types of an untyped enum."""
+    if not isinstance(schema, dict) or _depth > 16:
         return frozenset()
     declared = schema.get("type")
     types: set[str] = set()
@@ -43,10 +53,26 @@ def schema_types(schema: Any) -> frozenset[str]:
         types.add(declared)
     elif isinstance(declared, list):
         types.update(item for item in declared if isinstance(item, str))
-    for key in ("anyOf", "oneOf"):
+    for key in ("anyOf", "oneOf", "allOf"):
         for option in schema.get(key) or ():
-            types |= schema_types(option)
+            types |= schema_types(option, root, _depth + 1)
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        types |= schema_types(_resolve(ref, root), root, _depth + 1)
+    if not types and isinstance(schema.get("enum"), list):
+        types.update(_ENUM_TYPES.get(type(value), "object") for value in schema["enum"])
     return frozenset(types)
+
+
+def _resolve(ref: str, root: Any) -> Any:
+    """A local JSON pointer ("#/$defs/Name") inside `root`; None when it does not resolve."""
+    if not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 class ToolSchemas:
@@ -66,7 +92,7 @@ class ToolSchemas:
             parameters = function.get("parameters")
             properties = parameters.get("properties") if isinstance(parameters, dict) else None
             self._params[function["name"]] = {
-                key: schema_types(value) for key, value in (properties or {}).items()
+                key: schema_types(value, parameters) for key, value in (properties or {}).items()
             }
 
     def declares(self, tool_name: str) -> bool:
@@ -86,10 +112,11 @@ def coerce_value(raw: str, types: frozenset[str]) -> Any:
     if STRING in types:
         return raw
     stripped = raw.strip()
-    try:
-        return _loads(stripped)
-    except ValueError:
-        pass
+    value = _json_or_literal(stripped)
+    if value is not _NOTHING:
+        if isinstance(value, str) and types & {"integer", "number"}:
+            return _number(value, types)
+        return value
     if "boolean" in types and stripped.lower() in ("true", "false"):
         return stripped.lower() == "true"
     if types & {"object", "array"}:
@@ -100,6 +127,39 @@ def coerce_value(raw: str, types: frozenset[str]) -> Any:
         if isinstance(unescaped, (dict, list)):
             return unescaped
     return raw
+
+
+_NOTHING = object()
+
+
+def _json_or_literal(text: str) -> Any:
+    """JSON, else a Python literal whose value JSON can write; _NOTHING when neither."""
+    try:
+        return _loads(text)
+    except ValueError:
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return _NOTHING
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return _NOTHING
+    return value
+
+
+def _number(text: str, types: frozenset[str]) -> Any:
+    """A quoted number as the number the schema asks for; the string when it is not one."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if number != number or number in (float("inf"), float("-inf")):
+        return text
+    if "integer" in types and number.is_integer() and "." not in text and "e" not in text.lower():
+        return int(text)
+    return number if "number" in types else text
 
 
 class ArgumentsWriter:

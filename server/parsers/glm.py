@@ -12,13 +12,17 @@ Behaviour (the tests in tests/test_parsers*.py pin each point):
 
 * Reasoning: with `starts_in_reasoning` (the prompt pre-opened `<think>`) the output starts as
   reasoning; a repeated `<think>` at its very start is dropped. Otherwise `<think>` opens reasoning only
-  before any content. `</think>` ends it. Text inside reasoning is never parsed for tool calls.
+  before any content. `</think>` ends it, and so does a `<tool_call>` (when tools are parsed): the model
+  started a call without closing its reasoning (GLM-5.1 does, behind agents); the late `</think>` of such
+  reasoning is then dropped.
   `reasoning` is None when the output has none; with `starts_in_reasoning` it is a string, maybe "".
 * Tool calls: whitespace between tags is ignored in either layout, so `fmt` only names the layout the
   template uses; both parse. Values are typed by the request's tool schema (see arguments.py). A call
   with no arguments has arguments "{}". Calls to tools that the request did not declare are kept
-  (as vLLM does) unless `drop_unknown_tools` (as SGLang does). A `<tool_call>` with an empty name is
-  not a call: its text stays content.
+  (as vLLM does) unless `drop_unknown_tools` (as SGLang does). A `<tool_call>` with an empty name, or
+  with an argument tag before its first `<arg_key>`, is not a call: its text stays content. A key given
+  twice keeps its last value. A repeated `</tool_call>` right after a call is dropped. With
+  `parse_tools` False (no tools offered, or tool_choice "none") tool-call markup is plain content.
 * Content: text before, between and after calls is joined into content (streaming cannot take back text
   it already sent, so text after a call is not dropped). Whitespace-only stretches at the start of the
   content and right after a call are dropped unless more content follows; content that is only
@@ -44,7 +48,7 @@ from typing import Any
 
 from server.parsers.arguments import ToolSchemas
 from server.parsers.parsed import DeltaBuilder, ParsedDelta, ParsedMessage, ToolCall
-from server.parsers.tags import CALL_OPEN, THINK_CLOSE, THINK_OPEN, find_tag
+from server.parsers.tags import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, find_tag
 from server.parsers.tool_calls import ToolCallReader
 
 FORMATS = ("glm45", "glm47")
@@ -99,6 +103,7 @@ class GlmOutputParser:
         self._gap_text = ""  # whitespace held back at a gap
         self._unclosed_call_text = ""
         self._unclosed_think = False
+        self._reasoning_cut = False  # a <tool_call> ended the reasoning before its </think>
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -160,8 +165,13 @@ class GlmOutputParser:
             # Only the template's pre-opened <think> may be repeated (and dropped) before any reasoning text;
             # after a <think> the output opened itself, another one is reasoning text.
             repeat_allowed = not self._reasoning_parts and self._think_prefix is None
-            return (THINK_CLOSE, THINK_OPEN) if repeat_allowed else (THINK_CLOSE,)
+            tags = (THINK_CLOSE, THINK_OPEN) if repeat_allowed else (THINK_CLOSE,)
+            return (*tags, CALL_OPEN) if self._parse_tools else tags
         tags = (CALL_OPEN,) if self._parse_tools else ()
+        if self._parse_tools and self._call_seen and self._at_gap:
+            tags = (*tags, CALL_CLOSE)  # a repeated </tool_call> right after a call is dropped
+        if self._reasoning_cut:
+            tags = (*tags, THINK_CLOSE)  # the late </think> of reasoning a call already ended is dropped
         return (*tags, THINK_OPEN) if self._may_open_think() else tags
 
     def _may_open_think(self) -> bool:
@@ -192,11 +202,18 @@ class GlmOutputParser:
             if tag == THINK_CLOSE:
                 self._mode = _Mode.CONTENT
                 self._at_gap = True
+            elif tag == CALL_OPEN:  # a call before </think> ends the reasoning (as SGLang and vLLM do)
+                self._mode = _Mode.CONTENT
+                self._at_gap = True
+                self._reasoning_cut = True
+                self._open_call()
             elif tag != THINK_OPEN or self._reasoning_parts:
                 self._on_text(tag)
             # else: a <think> right after the template's pre-opened one; dropped
         elif tag == CALL_OPEN:
             self._open_call()
+        elif tag == CALL_CLOSE or (tag == THINK_CLOSE and self._reasoning_cut):
+            pass  # dropped: see _active_tags
         elif tag == THINK_OPEN and self._may_open_think():
             self._open_think()
         else:

@@ -4,13 +4,17 @@
 
 Whitespace between the tags (the GLM-4.5/4.6 newline layout) is ignored. The reader sends the call's
 header (index, id, name) as soon as the name is complete, a string-typed value as it arrives, and any
-other value when its `</arg_value>` arrives (it must be complete to be typed).
+other value when its `</arg_value>` arrives (it must be complete to be typed). The final arguments are
+the JSON of the values by key: the streamed fragments joined, except that a key given twice keeps only
+its last value there (the stream, already sent, has both; JSON readers keep the last).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from enum import Enum
+from typing import Any
 
 from server.parsers.arguments import ArgumentsWriter, ToolSchemas, coerce_value, is_string_typed
 from server.parsers.parsed import DeltaBuilder, ToolCall
@@ -28,16 +32,18 @@ class _Part(Enum):
     BEFORE_VALUE = "before_value"  # after </arg_key>
     VALUE = "value"
     SKIPPING = "skipping"  # a call to an undeclared tool, being dropped
+    MALFORMED = "malformed"  # an argument tag before the first <arg_key>: not a call
     DONE = "done"
 
 
 _TAGS: dict[_Part, tuple[str, ...]] = {
-    _Part.NAME: (KEY_OPEN, CALL_CLOSE),
+    _Part.NAME: (KEY_OPEN, CALL_CLOSE, VALUE_OPEN, VALUE_CLOSE, KEY_CLOSE),
     _Part.BETWEEN_ARGS: (KEY_OPEN, CALL_CLOSE),
     _Part.KEY: (KEY_CLOSE,),
     _Part.BEFORE_VALUE: (VALUE_OPEN, KEY_OPEN, CALL_CLOSE),
     _Part.VALUE: (VALUE_CLOSE,),
     _Part.SKIPPING: (CALL_CLOSE,),
+    _Part.MALFORMED: (CALL_CLOSE,),
     _Part.DONE: (),
 }
 
@@ -68,7 +74,7 @@ class ToolCallReader:
         self._value_parts: list[str] = []
         self._value_types: frozenset[str] = frozenset()
         self._writer = ArgumentsWriter()
-        self._arguments: list[str] = []
+        self._values: dict[str, Any] = {}  # the final arguments; a repeated key keeps its last value
 
     @property
     def done(self) -> bool:
@@ -93,10 +99,9 @@ class ToolCallReader:
         elif self._part is _Part.KEY:
             self._key_parts.append(text)
         elif self._part is _Part.VALUE:
+            self._value_parts.append(text)
             if is_string_typed(self._value_types):
                 self._emit(ArgumentsWriter.string_piece(text), out)
-            else:
-                self._value_parts.append(text)
         # elsewhere: whitespace between tags; anything else there is ignored
 
     def on_tag(self, tag: str, out: DeltaBuilder) -> None:
@@ -110,6 +115,9 @@ class ToolCallReader:
             self._on_value_end(out)
         elif part is _Part.SKIPPING:
             self._part = _Part.DONE
+        elif part is _Part.MALFORMED:
+            self.not_a_call = True
+            self._part = _Part.DONE
         elif tag == VALUE_OPEN:
             self._on_value_start(out)
         elif tag == KEY_OPEN:  # a key with no value before it is dropped
@@ -119,7 +127,9 @@ class ToolCallReader:
 
     def _on_name_end(self, tag: str, out: DeltaBuilder) -> None:
         self._name = "".join(self._name_parts).strip()
-        if not self._name:
+        if tag not in (KEY_OPEN, CALL_CLOSE):
+            self._part = _Part.MALFORMED
+        elif not self._name:
             self.not_a_call = True
             self._part = _Part.DONE
         elif self._drop_unknown_tools and not self._schemas.declares(self._name):
@@ -139,6 +149,7 @@ class ToolCallReader:
 
     def _on_value_start(self, out: DeltaBuilder) -> None:
         key = "".join(self._key_parts).strip()
+        self._values.pop(key, None)  # a repeated key moves to the end, as in the streamed text
         self._value_types = self._schemas.types_of(self._name, key)
         self._value_parts = []
         self._part = _Part.VALUE
@@ -146,19 +157,21 @@ class ToolCallReader:
             self._emit(self._writer.key(key) + '"', out)
 
     def _on_value_end(self, out: DeltaBuilder) -> None:
+        key = "".join(self._key_parts).strip()
         if is_string_typed(self._value_types):
             self._emit('"', out)
+            self._values[key] = "".join(self._value_parts)
         else:
-            key = "".join(self._key_parts).strip()
             value = coerce_value("".join(self._value_parts), self._value_types)
             self._emit(self._writer.key(key) + ArgumentsWriter.value(value), out)
+            self._values[key] = value
         self._part = _Part.BETWEEN_ARGS
 
     def _close(self, out: DeltaBuilder) -> None:
         self._emit(self._writer.close(), out)
-        self.tool_call = ToolCall(id=self._id, name=self._name, arguments="".join(self._arguments))
+        arguments = json.dumps(self._values, ensure_ascii=False)
+        self.tool_call = ToolCall(id=self._id, name=self._name, arguments=arguments)
         self._part = _Part.DONE
 
     def _emit(self, text: str, out: DeltaBuilder) -> None:
-        self._arguments.append(text)
         out.call_arguments(self.index, text)

@@ -28,11 +28,13 @@ from server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
 )
+from server.routes.chat_constraints import OutputPlan, resolve_output_plan, template_kwargs_for
 from server.routes.chat_output import (
     MessageAccumulator,
     MessageDelta,
     OutputProcessor,
     chat_logprobs,
+    glm_format_of,
     make_output_processor,
 )
 from server.routes.deps import (
@@ -111,50 +113,57 @@ class PreparedChat:
     prompt_text: str
     prompt_ids: list[int]
     tools: list[dict[str, Any]] | None
-    template_kwargs: dict[str, Any]
+    plan: OutputPlan  # the structured-output constraint and how tool calls are read back
     top_logprobs: int | None  # None: no logprobs requested
     params: SamplingParams
 
     def output_processor(self, engine: Engine, state: ServingState) -> OutputProcessor:
         return make_output_processor(
-            engine.tokenizer, self.prompt_text, self.tools, self.template_kwargs,
-            state.config.server.tool_call_parser,
-        )  # fmt: skip
+            engine.tokenizer, self.prompt_text, self.tools, self.plan, state.config.server.tool_call_parser
+        )
 
 
 async def prepare_chat(body: ChatCompletionRequest, engine: Engine, state: ServingState) -> PreparedChat:
-    """Cross-field checks, the chat template, the output budget and the sampling params (400 on bad input)."""
+    """Cross-field checks, the chat template, the output constraint, the output budget and the sampling
+    params (400 on bad input)."""
     check_common_fields(body)
     if body.tools and body.tool_choice in (None, "auto") and not state.config.server.enable_auto_tool_choice:
         raise bad_request('"auto" tool choice requires --enable-auto-tool-choice.', param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
     check_batch_size(state, prompts=1, n=body.n)
-    prompt_text, prompt_ids, tools, template_kwargs = await render_prompt(body, engine, state)
+    prompt_text, prompt_ids, tools = await render_prompt(body, engine, state)
     check_prompt_tokens(state, len(prompt_ids), "messages")
+    plan = resolve_output_plan(
+        body, tools=tools, prompt_text=prompt_text,
+        glm_format=state.config.server.tool_call_parser or glm_format_of(engine.tokenizer),
+        tokenizer=engine.tokenizer,
+    )  # fmt: skip
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     defaults = state.sampling_defaults
     max_tokens = resolve_max_tokens(
         requested, len(prompt_ids), engine.max_model_len, "messages", defaults.max_tokens
     )
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults)
-    return PreparedChat(prompt_text, prompt_ids, tools, template_kwargs, top_logprobs, params)
+    params = to_sampling_params(
+        body, max_tokens=max_tokens, logprobs=top_logprobs, defaults=defaults, structured=plan.structured
+    )
+    return PreparedChat(prompt_text, prompt_ids, tools, plan, top_logprobs, params)
 
 
 async def render_prompt(
     body: ChatCompletionRequest, engine: Engine, state: ServingState
-) -> tuple[str, list[int], list | None, dict]:
+) -> tuple[str, list[int], list | None]:
     messages = normalize_messages(body.messages)
     add_json_object_hint(messages, body.response_format)
     tools = select_tools(body.tools, body.tool_choice)
-    template_kwargs = check_template_kwargs(body.chat_template_kwargs)
+    template_kwargs = template_kwargs_for(body, check_template_kwargs(body.chat_template_kwargs))
     prompt_text, prompt_ids = await run_in_pool(
         state, render_and_encode, engine.tokenizer, messages, tools=tools,
         add_generation_prompt=body.add_generation_prompt, template_kwargs=template_kwargs,
         special_tokens_in_content=state.config.server.special_tokens_in_content,
     )  # fmt: skip
-    return prompt_text, prompt_ids, tools, template_kwargs
+    return prompt_text, prompt_ids, tools
 
 
 def chat_finish_reason(engine_reason: str | None, has_tool_calls: bool) -> str | None:

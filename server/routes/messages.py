@@ -60,7 +60,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
     state = get_state(request)
     engine = ready_engine(state)
     resolve_model(agent_apis_config(request), state.served_model_name, body.model)
-    _, prompt_ids, _, _ = await render_prompt(to_chat_request(body), engine, state)
+    _, prompt_ids, _ = await render_prompt(to_chat_request(body), engine, state)
     return JSONResponse({"input_tokens": len(prompt_ids)})
 
 

@@ -1,5 +1,6 @@
 """From request fields to SamplingParams, with the cross-field rules a pydantic field cannot state.
-The engine applies what the params say (stop strings, stop token ids, penalties); this module only maps."""
+The engine applies what the params say (stop strings, stop token ids, penalties, logit_bias, the
+structured-output constraint); this module only maps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from server.errors import bad_request
 from server.generation_defaults import NO_DEFAULTS, SamplingDefaults
 from server.protocol import SamplingRequest
 from server.scheduler.request import SamplingParams
+from server.structured_output import StructuredOutput, from_extras
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -24,6 +26,24 @@ def check_common_fields(body: SamplingRequest) -> None:
     if any(t < 0 for t in body.stop_token_ids or []):
         raise bad_request("Token ids in 'stop_token_ids' must be non-negative.", param="stop_token_ids")
     stop_strings(body.stop)
+    if body.prompt_logprobs is not None:
+        raise bad_request("'prompt_logprobs' is not supported by this server.", param="prompt_logprobs")
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as JSON object keys) to biases in [-100, 100]."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0:
+            raise bad_request(f"logit_bias key '{key}' is not a token id.", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(f"logit_bias value {value} is outside [-100, 100].", param="logit_bias")
+        out[token_id] = value
+    return out
 
 
 def resolve_max_tokens(
@@ -54,9 +74,16 @@ def resolve_max_tokens(
 
 
 def to_sampling_params(
-    body: SamplingRequest, *, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = NO_DEFAULTS
+    body: SamplingRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
-    """Fields the request leaves unset take the model's defaults (generation_config.json), then the API's."""
+    """Fields the request leaves unset take the model's defaults (generation_config.json), then the API's.
+    `structured`: the constraint the route resolved (chat: server/routes/chat_constraints.py); by default
+    the body's structured_outputs / guided_* fields (text completions)."""
     if body.min_tokens > max_tokens:
         raise bad_request(
             f"min_tokens ({body.min_tokens}) is larger than the completion budget ({max_tokens}).",
@@ -80,8 +107,15 @@ def to_sampling_params(
         logprobs=logprobs,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
+        logit_bias=logit_bias(body.logit_bias),
+        structured=structured if structured is not None else _extras_constraint(body),
     )
 
 
 def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
+
+
+def _extras_constraint(body: SamplingRequest) -> StructuredOutput | None:
+    found = from_extras(body)
+    return found[1] if found is not None else None

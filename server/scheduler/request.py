@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.structured_output import StructuredOutput
 
 
 class RequestStatus(enum.Enum):
@@ -59,6 +63,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob plus top k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None  # what the output must match (server/structured_output.py)
 
     @property
     def greedy(self) -> bool:

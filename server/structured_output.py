@@ -45,13 +45,27 @@ class StructuredOutput:
         return StructuredOutput(self.kind, self.value, starts_after)
 
 
+def closed_schema(schema: Any) -> Any:
+    """The schema with every object that declares its properties closed to others (additionalProperties
+    false unless the schema says otherwise), as vLLM's default xgrammar backend compiles schemas (its
+    strict mode): left open, a small model keeps inventing keys until max_tokens."""
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_schema(value) for key, value in schema.items()}
+    if "properties" in schema and not {"additionalProperties", "patternProperties"} & schema.keys():
+        closed["additionalProperties"] = False
+    return closed
+
+
 def llguidance_grammar(constraint: StructuredOutput) -> str:
     """The constraint as an llguidance grammar (what LLMatcher compiles)."""
     import llguidance
 
     kind, value = constraint.kind, constraint.value
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(value, overrides=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_json_schema(closed_schema(value), overrides=JSON_LAYOUT)
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_LAYOUT)
     if kind == "regex":
@@ -165,7 +179,7 @@ def reasoning_prefixed_lark(constraint: StructuredOutput, think_close_is_token: 
         return None
     kind, value = constraint.kind, constraint.value
     if kind == "json":
-        body = "%json " + json.dumps({**value, "x-guidance": JSON_LAYOUT})
+        body = "%json " + json.dumps({**closed_schema(value), "x-guidance": JSON_LAYOUT})
     elif kind == "json_object":
         body = "%json " + json.dumps({"type": "object", "x-guidance": JSON_LAYOUT})
     elif kind == "regex":

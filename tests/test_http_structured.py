@@ -251,7 +251,7 @@ def test_langchain_structured_output_and_bind_tools(server):
 
     llm = ChatOpenAI(
         base_url=f"{server.url}/v1", api_key=API_KEY, model=server.serving.served_model_name,
-        temperature=1.0, seed=0, max_tokens=80, timeout=600, max_retries=0,
+        seed=0, max_tokens=150, timeout=600, max_retries=0,
     )  # fmt: skip
     for method in ("json_schema", "function_calling"):  # response_format json_schema; a named tool choice
         assert isinstance(llm.with_structured_output(City, method=method).invoke("Describe a city."), City)

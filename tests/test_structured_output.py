@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.scheduler.request import Request, SamplingParams
-from server.structured_output import StructuredOutput, reasoning_prefixed_lark
+from server.structured_output import StructuredOutput, closed_schema, reasoning_prefixed_lark
 from server.structured_output_matcher import GrammarMatchers, unpack_bitmask
 from server.structured_output_tools import glm_tool_call_constraint, json_tool_call_constraint
 from tests.engine_helpers import run_requests, start_engine
@@ -161,3 +161,17 @@ def test_reasoning_prefixed_lark_for_vllm(smol):
     )
     assert matcher.is_accepting()
     assert reasoning_prefixed_lark(StructuredOutput("json", SCHEMA), think_close_is_token=False) is None
+
+
+def test_closed_schema_closes_declared_objects_as_vllms_strict_xgrammar_does():
+    schema = {
+        "type": "object",
+        "properties": {"inner": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+        "$defs": {"Open": {"type": "object", "properties": {}, "additionalProperties": True}},
+    }
+    closed = closed_schema(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["inner"]["additionalProperties"] is False
+    assert closed["$defs"]["Open"]["additionalProperties"] is True  # what the schema says stays
+    assert "additionalProperties" not in schema  # the caller's schema is not changed
+    assert closed_schema({"type": "object"}) == {"type": "object"}  # json_object stays any object

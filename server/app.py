@@ -23,9 +23,10 @@ from server.config import ApiKey, Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
 from server.errors import body_too_large, install_error_handlers, unauthorized
 from server.metrics import RequestObserver, ServerMetrics
-from server.routes import chat, completions, health, metrics, models, tokenize, usage
+from server.routes import admin, chat, completions, health, metrics, models, tokenize, usage
 from server.routes.deps import ServingState
 from server.routes.overflow import OverflowService
+from server.routing_service import RoutingMiddleware, RoutingService
 from server.usage import UsageRecorder
 
 log = logging.getLogger("glm_serve.app")
@@ -46,6 +47,7 @@ def create_app(
     serving = ServingState(config=config, metrics=ServerMetrics(), log_prompts=config.server.log_prompts)
     serving.usage = UsageRecorder.from_config(config)
     serving.overflow = OverflowService.from_config(config, serving.metrics)
+    serving.routing = RoutingService.from_config(config, serving.metrics.registry, serving)
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",
@@ -55,9 +57,10 @@ def create_app(
     )
     app.state.serving = serving
     install_error_handlers(app)
-    routers = (chat, completions, models, tokenize, health, metrics, usage)
+    routers = (chat, completions, models, tokenize, health, metrics, usage, admin)
     for module in routers:
         app.include_router(module.router)
+    app.add_middleware(RoutingMiddleware, serving=serving)
     app.add_middleware(BodyLimit, limit=config.server.max_body_bytes)
     app.add_middleware(
         ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
@@ -92,6 +95,8 @@ def _make_lifespan(
         try:
             yield
         finally:
+            if serving.routing is not None:  # shadow calls are cancelled, not drained
+                await serving.routing.aclose()
             await _wind_down(serving, startup, manage_engine)
             if serving.overflow is not None:
                 await serving.overflow.aclose()

@@ -79,7 +79,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # sections owned by other modules (overflow, usage)
 
 
-_EXTRA_SECTIONS = {"overflow", "usage", "vllm", "notes"}
+_EXTRA_SECTIONS = {"overflow", "usage", "routing", "vllm", "notes"}
 KEY_ROLES = ("sovereign", "force_overflow", "admin")
 
 
@@ -245,10 +245,12 @@ def validate(cfg: Config) -> None:
 def _validate_sections(cfg: Config) -> None:
     """The overflow and usage sections, parsed by their own modules (imported here: they import this one)."""
     from server.overflow import parse_overflow_config
+    from server.routing import parse_routing_config
     from server.usage import parse_usage_config
 
     parse_overflow_config(cfg.extra.get("overflow"))
     parse_usage_config(cfg.extra.get("usage"))
+    parse_routing_config(cfg.extra.get("routing"))
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

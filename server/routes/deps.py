@@ -32,6 +32,7 @@ class ServingState:
     log_prompts: bool = False
     overflow: Any = None  # routes/overflow.py OverflowService; None: overflow off
     usage: Any = None  # usage.py UsageRecorder; None: no ledger
+    routing: Any = None  # routing_service.py RoutingService; None: routing off
 
     @property
     def status(self) -> str:

@@ -91,7 +91,8 @@ class RoutingService:
         persisted = store.weights()
         self.weights = {m: persisted.get(m, r.weight) for m, r in cfg.models.items()}
         self.windows = {m: GuardWindow(cfg.guards) for m in cfg.models}
-        self.shadows: set[asyncio.Task] = set()
+        self.shadows: set[asyncio.Task] = set()  # shadow calls in flight
+        self.writes: set[asyncio.Task] = set()  # store writes in flight (awaited at shutdown, not cancelled)
         for model, weight in self.weights.items():
             self.metrics.canary_weight.labels(model).set(weight)
 
@@ -168,7 +169,7 @@ class RoutingService:
                 await error.response()(scope, receive, capture.send)
         finally:
             plan.request_id = str(access.get("id") or "")
-            outcome = capture.outcome(plan.served.name, time.monotonic() - started, access.get("ttft_s"))
+            outcome = capture.outcome(plan.served.name, time.monotonic() - started, access)
             if plan.primary_done is not None and not plan.primary_done.done():
                 plan.primary_done.set_result(outcome)
             if plan.route.mode is Mode.CANARY:
@@ -226,8 +227,8 @@ class RoutingService:
         if primary.ok and primary_sample is not None and candidate_sample is not None:
             window.primary.append(primary_sample)
             window.candidate.append(candidate_sample)
+        self._check_guards(plan)
         await asyncio.to_thread(self.store.add_comparison, row)
-        await self._check_guards(plan)
 
     async def _call_local(self, plan: Plan, scope: Scope, app: ASGIApp) -> Outcome:
         """The request streamed through this server's own app (admission included), as a client would."""
@@ -239,7 +240,7 @@ class RoutingService:
         capture = Capture(None)
         started = time.monotonic()
         await app(sub, replay(body, None), capture.send)
-        return capture.outcome(plan.shadow.name, time.monotonic() - started, access.get("ttft_s"))
+        return capture.outcome(plan.shadow.name, time.monotonic() - started, access)
 
     # -- canary samples, guards and weights -----------------------------------------------------------
     def _canary_done(self, plan: Plan, outcome: Outcome, access: dict) -> None:
@@ -249,32 +250,43 @@ class RoutingService:
         window = self.windows[plan.model]
         (window.candidate if plan.role == "candidate" else window.primary).append(sample)
         primary, candidate = (None, outcome) if plan.role == "candidate" else (outcome, None)
-        row = comparison_row("canary", plan, primary, candidate, self.cfg.store_text)
-        task = asyncio.create_task(self._record_canary(plan, row))
-        self.shadows.add(task)
-        task.add_done_callback(self.shadows.discard)
+        self._check_guards(plan)
+        self._spawn(
+            self._record_canary(plan, comparison_row("canary", plan, primary, candidate, self.cfg.store_text))
+        )
 
     async def _record_canary(self, plan: Plan, row: Any) -> None:
         await asyncio.to_thread(self.store.add_comparison, row)
-        await self._check_guards(plan)
 
-    async def _check_guards(self, plan: Plan) -> None:
+    def _check_guards(self, plan: Plan) -> None:
+        """Roll back at once when a guard trips (the next request is planned with weight 0); the weight and
+        the event are persisted by a task."""
         model = plan.model
         tripped = self.windows[model].tripped()
         if tripped is None or self.weights[model] == 0:
             return
         guard, detail = tripped
         before = self.weights[model]
-        self.weights[model] = 0.0  # at once: requests planned from now on go to the primary
+        self.weights[model] = 0.0
         self.windows[model].clear()
+        self.metrics.canary_weight.labels(model).set(0.0)
         self.metrics.rollbacks.labels(model, guard).inc()
-        event = {"event": "routing_rollback", "model": model, "candidate": plan.route.candidate,
-                 "guard": guard, "detail": detail, "weight_before": before}  # fmt: skip
+        candidate = str(plan.route.candidate)
+        event = {"event": "routing_rollback", "model": model, "candidate": candidate, "guard": guard,
+                 "detail": detail, "weight_before": before}  # fmt: skip
         log.warning(json.dumps(event))
-        await self.set_weight(model, 0.0, f"rollback:{guard}")
-        await asyncio.to_thread(
-            self.store.add_rollback, model, str(plan.route.candidate), guard, detail, before
-        )
+        self._spawn(self._persist_rollback(model, candidate, guard, detail, before))
+
+    async def _persist_rollback(
+        self, model: str, candidate: str, guard: str, detail: str, before: float
+    ) -> None:
+        await asyncio.to_thread(self.store.set_weight, model, 0.0, f"rollback:{guard}")
+        await asyncio.to_thread(self.store.add_rollback, model, candidate, guard, detail, before)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
 
     async def set_weight(self, model: str, weight: Any, source: str) -> float:
         """Change a model's weight now and persist it; APIError 404/400 for an unknown model or bad weight."""
@@ -307,6 +319,7 @@ class RoutingService:
         for task in list(self.shadows):
             task.cancel()
         await asyncio.gather(*self.shadows, return_exceptions=True)
+        await asyncio.gather(*self.writes, return_exceptions=True)
         for target in self.targets.values():
             if target.client is not None:
                 await target.client.aclose()
@@ -337,8 +350,15 @@ class Capture:
         if self._send is not None:
             await self._send(message)
 
-    def outcome(self, target: str, latency_s: float, ttft_s: float | None) -> Outcome:
-        return read_outcome(target, self.status, b"".join(self.parts), latency_s, ttft_s)
+    def outcome(self, target: str, latency_s: float, access: dict[str, Any]) -> Outcome:
+        """The response read back; token counts the client did not ask to see come from the access fields."""
+        out = read_outcome(target, self.status, b"".join(self.parts), latency_s, access.get("ttft_s"))
+        if out.output_tokens is None and out.ok:
+            out.prompt_tokens, out.output_tokens = (
+                access.get("prompt_tokens"),
+                access.get("completion_tokens"),
+            )
+        return out
 
 
 def replay(raw: bytes, receive: Receive | None) -> Receive:

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.errors import APIError, bad_request
@@ -37,10 +37,11 @@ from server.routing import (
     check_weight,
     parse_routing_config,
 )
-from server.routing_compare import Outcome, read_outcome
+from server.routing_asgi import Capture, read_all, replay
+from server.routing_compare import Outcome
 from server.routing_store import RoutingStore, store_path
 from server.routing_targets import Target, build_targets, call_upstream, pass_through, upstream_body
-from server.routing_track import comparison_row, guard_sample
+from server.routing_track import CLIENT_FAULTS, NOT_CLIENT_FAULTS, comparison_row, guard_sample
 
 log = logging.getLogger("glm_serve.routing")
 ROUTED_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
@@ -160,29 +161,38 @@ class RoutingService:
             if failure is not None and plan.fallback is not None:
                 failed = Outcome(plan.served.name, failure.status or 0, time.monotonic() - started)
                 failed.error = str(failure)[:200]
-                self._canary_done(plan, failed, access)
+                self._canary_done(plan, failed)
                 plan.served, plan.role, started = plan.fallback, "primary", time.monotonic()
                 failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
             if failure is not None:
-                error = APIError(502, f"The routing target {plan.served.name!r} failed: {failure}",
-                                 code="upstream_error")  # fmt: skip
-                await error.response()(scope, receive, capture.send)
+                await self._failed(plan, failure).response()(scope, receive, capture.send)
         finally:
             plan.request_id = str(access.get("id") or "")
             outcome = capture.outcome(plan.served.name, time.monotonic() - started, access)
             if plan.primary_done is not None and not plan.primary_done.done():
                 plan.primary_done.set_result(outcome)
             if plan.route.mode is Mode.CANARY:
-                self._canary_done(plan, outcome, access)
+                self._canary_done(plan, outcome)
+
+    @staticmethod
+    def _failed(plan: Plan, failure: UpstreamError) -> APIError:
+        """What the client gets when the only target for it failed: its refusal of a bad request as it
+        is, anything else as 502."""
+        if failure.status in CLIENT_FAULTS and failure.status not in NOT_CLIENT_FAULTS:
+            return APIError(
+                failure.status, str(failure).partition(": ")[2] or str(failure), code="upstream_refused"
+            )
+        return APIError(
+            502, f"The routing target {plan.served.name!r} failed: {failure}", code="upstream_error"
+        )
 
     async def _serve_on(self, target: Target, plan: Plan, scope: Scope, raw: bytes, receive: Receive,
                         capture: Capture, app: ASGIApp, access: dict) -> UpstreamError | None:  # fmt: skip
-        """Serve the client from `target`; the error when an upstream failed before its first byte."""
+        """Serve the client from `target` (a candidate's breaker was asked by plan()); the error when an
+        upstream failed before its first byte."""
         if target.is_local:
             await app(scope, replay(raw, receive), capture.send)
             return None
-        if not target.available():
-            return UpstreamError("its circuit breaker is open", retryable=False, breaker=False)
         model = target.upstream_model(plan.model)
         try:
             opened = await target.open(plan.path, upstream_body(plan.body, model))
@@ -218,6 +228,8 @@ class RoutingService:
             primary = await plan.primary_done
         except asyncio.CancelledError:
             self.metrics.shadow_requests.labels("cancelled").inc()
+            if plan.shadow.breaker is not None:
+                plan.shadow.breaker.release()  # a half-open probe that never got its verdict
             raise
         self.metrics.shadow_requests.labels("ok" if candidate.ok else "error").inc()
         row = comparison_row("shadow", plan, primary, candidate, self.cfg.store_text)
@@ -243,7 +255,7 @@ class RoutingService:
         return capture.outcome(plan.shadow.name, time.monotonic() - started, access)
 
     # -- canary samples, guards and weights -----------------------------------------------------------
-    def _canary_done(self, plan: Plan, outcome: Outcome, access: dict) -> None:
+    def _canary_done(self, plan: Plan, outcome: Outcome) -> None:
         sample = guard_sample(outcome, plan.body, None)
         if sample is None:
             return
@@ -330,53 +342,6 @@ def _random_hex() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-# -- ASGI plumbing ----------------------------------------------------------------------------------------
-class Capture:
-    """Passes a response on (to `send`, or nowhere) and keeps its status and bytes for the comparison;
-    `on_success` runs when a status below 400 starts the response."""
-
-    def __init__(self, send: Send | None, on_success: Any = None) -> None:
-        self._send, self._on_success = send, on_success
-        self.status = 0
-        self.parts: list[bytes] = []
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            if self.status < 400 and self._on_success is not None:
-                self._on_success()
-        elif message["type"] == "http.response.body":
-            self.parts.append(message.get("body", b""))
-        if self._send is not None:
-            await self._send(message)
-
-    def outcome(self, target: str, latency_s: float, access: dict[str, Any]) -> Outcome:
-        """The response read back; token counts the client did not ask to see come from the access fields."""
-        out = read_outcome(target, self.status, b"".join(self.parts), latency_s, access.get("ttft_s"))
-        if out.output_tokens is None and out.ok:
-            out.prompt_tokens, out.output_tokens = (
-                access.get("prompt_tokens"),
-                access.get("completion_tokens"),
-            )
-        return out
-
-
-def replay(raw: bytes, receive: Receive | None) -> Receive:
-    """A receive that gives the body once, then the real receive's messages (a disconnect), or waits."""
-    given = False
-
-    async def replayed() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        if receive is None:
-            await asyncio.Event().wait()  # a shadow has no client to leave; it is cancelled instead
-        return await receive()  # type: ignore[misc]
-
-    return replayed
-
-
 class RoutingMiddleware:
     def __init__(self, app: ASGIApp, *, serving: Any) -> None:
         self.app = app
@@ -411,14 +376,3 @@ class RoutingMiddleware:
             await self.app(scope, replay(raw, receive), send)
             return
         await service.serve(plan, scope, raw, receive, send, self.app)
-
-
-async def read_all(receive: Receive) -> bytes | None:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from server.config import ConfigError
-from server.overflow import BreakerConfig, CircuitBreaker, UpstreamConfig
+from server.overflow import CircuitBreaker, UpstreamConfig
 from server.overflow_upstream import (
     Opened,
     SseRewriter,
@@ -71,12 +71,16 @@ def _upstream(name: str, cfg: TargetConfig) -> Target:
     api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
     if cfg.api_key_env and not api_key:
         raise ConfigError(f"routing.targets.{name}: the environment variable {cfg.api_key_env} is unset")
-    upstream = UpstreamConfig(cfg.connect_timeout_s, cfg.first_byte_timeout_s, cfg.idle_timeout_s, retries=0)
-    breaker = BreakerConfig(cfg.breaker_failures, cfg.breaker_cooldown_s)
+    upstream = UpstreamConfig(
+        connect_timeout_s=cfg.connect_timeout_s,
+        first_byte_timeout_s=cfg.first_byte_timeout_s,
+        idle_timeout_s=cfg.idle_timeout_s,
+        retries=0,
+    )
     return Target(
         name,
         UpstreamClient(cfg.base_url, api_key, upstream),
-        CircuitBreaker(breaker.failures, breaker.cooldown_s),
+        CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s),
         default_model=cfg.model,
         idle_timeout_s=cfg.idle_timeout_s,
     )

@@ -170,3 +170,22 @@ def test_store_migrates_once_and_refuses_a_newer_file(tmp_path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(ConfigError, match="newer"):
         RoutingStore(path)
+
+
+def test_the_overflow_upstream_is_a_target_sharing_its_breaker(monkeypatch):
+    from server.overflow import CircuitBreaker, OverflowConfig
+    from server.routing_targets import build_targets
+
+    monkeypatch.setenv("GLM_SERVE_TEST_HS_KEY", "sk-hs")
+    policy = OverflowConfig(enabled=True, api_key_env="GLM_SERVE_TEST_HS_KEY", models={"glm-5": "glm_5"})
+    overflow = SimpleNamespace(policy=policy, breaker=CircuitBreaker(2, 30.0))
+    cfg = parse_routing_config(section(candidate="overflow"))
+    targets = build_targets(cfg, overflow)
+    target = targets["overflow"]
+    assert target.breaker is overflow.breaker and target.upstream_model("glm-5") == "glm_5"
+    assert target.client.cfg.retries == 0  # routing calls are never retried
+    overflow.breaker.record_failure()
+    overflow.breaker.record_failure()
+    assert not target.available()  # the overflow's open breaker: no canary traffic
+    with pytest.raises(ConfigError, match="overflow is not enabled"):
+        build_targets(cfg, None)

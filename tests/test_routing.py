@@ -189,3 +189,25 @@ def test_the_overflow_upstream_is_a_target_sharing_its_breaker(monkeypatch):
     assert not target.available()  # the overflow's open breaker: no canary traffic
     with pytest.raises(ConfigError, match="overflow is not enabled"):
         build_targets(cfg, None)
+
+
+def test_rows_keep_text_only_when_asked():
+    from server.routing import RouteConfig
+    from server.routing_track import comparison_row
+
+    plan = SimpleNamespace(
+        body={"messages": [{"role": "user", "content": "secret prompt"}]}, model="glm-5", path="chat/completions",
+        request_id="r1", key=ApiKey("k1"), route=RouteConfig("a", "b", Mode.SHADOW, 100), role="primary",
+    )  # fmt: skip
+    a, b = (
+        Outcome("a", 200, 1.0, 0.1, 5, 3, "stop", "hello there"),
+        Outcome("b", 200, 2.0, 0.2, 5, 3, "stop", "hello"),
+    )
+    row = comparison_row("shadow", plan, a, b, store_text=False)
+    assert (row.prompt, row.primary_text, row.candidate_text) == (None, None, None)
+    assert row.key_id == "k1" and row.similarity == rouge_l("hello there", "hello") and row.prompt_tokens == 5
+    row = comparison_row("shadow", plan, a, b, store_text=True)
+    assert "secret prompt" in row.prompt and (row.primary_text, row.candidate_text) == (
+        "hello there",
+        "hello",
+    )

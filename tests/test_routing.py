@@ -211,3 +211,14 @@ def test_rows_keep_text_only_when_asked():
         "hello there",
         "hello",
     )
+
+
+def test_a_candidate_with_an_open_breaker_takes_no_canary_traffic(tmp_path):
+    from server.overflow import CircuitBreaker
+
+    service = _service(tmp_path, mode="canary", weight=100)
+    assert service.plan(_scope(ApiKey("u1")), {"model": "glm-5"}).served.name == "cloud"
+    service.targets["cloud"].breaker = CircuitBreaker(1, 600.0)
+    service.targets["cloud"].breaker.record_failure()
+    plan = service.plan(_scope(ApiKey("u1")), {"model": "glm-5"})
+    assert (plan.served.name, plan.role, plan.fallback) == ("local", "primary", None)

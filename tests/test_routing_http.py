@@ -25,6 +25,7 @@ from server.routing import bucket
 from server.routing_report import build_report
 from server.routing_report import main as routing_main
 from server.usage import UsageConfig
+from server.usage_report import build_report as usage_report
 from tests.conftest import ServerHandle, http_config, metric_value, start_server, wait_until
 from tests.test_overflow_http import Dial
 
@@ -41,6 +42,7 @@ class Front:
     handle: ServerHandle
     store: Path
     cfg: Any
+    ledger: Path
 
     def post(self, path: str, body: dict, key: str = USER, **headers: str) -> httpx.Response:
         with httpx.Client(base_url=self.handle.url, timeout=120) as http:
@@ -136,7 +138,7 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
             }
         handle = start_server(loop_thread, create_app(cfg, Dial(engine), manage_engine=False))
         started.append(handle)
-        return Front(handle, tmp_path / "routing.sqlite", cfg)
+        return Front(handle, tmp_path / "routing.sqlite", cfg, tmp_path / "usage.sqlite")
 
     yield make
     for handle in started:
@@ -219,6 +221,11 @@ def test_canary_share_is_the_weight_and_each_key_stays_on_its_side(front):
     canary = build_report(f.store, UsageConfig())["pairs"][0]["canary"]
     assert canary["requests"] == 200 and canary["candidate_requests"] == 10 * len(on_candidate)
     assert f.metric("glm_serve:canary_weight", model=MODEL) == 30
+    assert f.handle.serving.usage.ledger.flush()
+    usage = usage_report(f.ledger, UsageConfig(), None, "backend")  # the ROI view: the canary's share
+    assert usage["totals"]["routed_requests"] == 200 and usage["totals"]["local_requests"] == 0
+    served = {"a": 200 - canary["candidate_requests"], "b": canary["candidate_requests"]}
+    assert {g["backend"]: g["requests"] for g in usage["groups"]} == {k: n for k, n in served.items() if n}
 
 
 @pytest.mark.parametrize("failure", ["http_500", "black_hole"])

@@ -28,9 +28,21 @@ from server.http_guard import GuardLimits, RequestGuard
 from server.logs import SECRETS
 from server.metrics import RequestObserver, ServerMetrics
 from server.overflow import parse_overflow_config
-from server.routes import chat, completions, health, messages, metrics, models, responses, tokenize, usage
+from server.routes import (
+    admin,
+    chat,
+    completions,
+    health,
+    messages,
+    metrics,
+    models,
+    responses,
+    tokenize,
+    usage,
+)
 from server.routes.deps import ServingState
 from server.routes.overflow import OverflowService
+from server.routing_service import RoutingMiddleware, RoutingService
 from server.usage import UsageRecorder
 
 log = logging.getLogger("glm_serve.app")
@@ -54,6 +66,7 @@ def create_app(
     serving.pool = FrontendPool(config.server.frontend_workers, config.server.frontend_max_queued)
     upstream_key = os.environ.get(parse_overflow_config(config.extra.get("overflow")).api_key_env, "")
     SECRETS.add([*(key.decode() for key in load_api_keys(config.server)), upstream_key])  # never logged
+    serving.routing = RoutingService.from_config(config, serving.metrics.registry, serving)
     lifespan = _make_lifespan(serving, engine, manage_engine, on_engine_failure)
     app = FastAPI(
         title="glm-serve",
@@ -63,9 +76,10 @@ def create_app(
     )
     app.state.serving = serving
     install_error_handlers(app)
-    routers = (chat, completions, messages, responses, models, tokenize, health, metrics, usage)
+    routers = (chat, completions, messages, responses, models, tokenize, health, metrics, usage, admin)
     for module in routers:
         app.include_router(module.router)
+    app.add_middleware(RoutingMiddleware, serving=serving)
     app.add_middleware(RequestGuard, serving=serving, limits=GuardLimits.from_server(config.server))
     app.add_middleware(
         ApiKeyCheck, keys=load_api_keys(config.server), protect_metrics=config.server.protect_metrics
@@ -108,6 +122,8 @@ def _make_lifespan(
         try:
             yield
         finally:
+            if serving.routing is not None:  # shadow calls are cancelled, not drained
+                await serving.routing.aclose()
             await _wind_down(serving, startup, manage_engine)
             if serving.overflow is not None:
                 await serving.overflow.aclose()

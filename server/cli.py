@@ -140,6 +140,7 @@ DELEGATED = {
     "plan": ("backends.planner", "memory plan: weights and KV per device for a profile and model"),
     "bench": ("benchmarks.serve_bench", "serving benchmark: load generator, suites, baselines"),
     "usage": ("server.usage_report", "usage ledger report: tokens, overflow share, cost comparison"),
+    "routing": ("server.routing_report", "shadow/canary routing: comparison report, set a weight"),
 }
 
 

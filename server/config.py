@@ -114,7 +114,7 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)  # dotted key -> where its value came from
 
 
-_EXTRA_SECTIONS = ("overflow", "usage", "vllm", "notes", "agent_apis")
+_EXTRA_SECTIONS = ("overflow", "usage", "routing", "vllm", "notes", "agent_apis")
 KEY_ROLES = ("sovereign", "force_overflow", "admin")
 
 
@@ -276,6 +276,7 @@ def _validate_sections(cfg: Config) -> None:
     modules (imported here: they import this one)."""
     from server.agent_apis import parse_agent_apis_config
     from server.overflow import parse_overflow_config
+    from server.routing import parse_routing_config
     from server.usage import parse_usage_config
 
     for key, known in (("tool_call_parser", TOOL_CALL_PARSERS), ("reasoning_parser", REASONING_PARSERS)):
@@ -300,6 +301,7 @@ def _validate_sections(cfg: Config) -> None:
     parse_overflow_config(cfg.extra.get("overflow"))
     parse_usage_config(cfg.extra.get("usage"))
     parse_agent_apis_config(cfg.extra.get("agent_apis"))
+    parse_routing_config(cfg.extra.get("routing"))
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

@@ -87,7 +87,7 @@ class UpstreamClient:
         )
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
-            headers={"Authorization": f"Bearer {api_key}"},
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
             timeout=timeout,
             transport=transport,
         )

@@ -340,7 +340,7 @@ class UsageRecorder:
         row.holysheep_usd = holysheep.cost(*tokens) if holysheep else None
         if row.backend == "holysheep":
             row.cost_usd = row.holysheep_usd
-        elif sum(tokens) > 0:
+        elif row.backend == "local" and sum(tokens) > 0:  # not a routing target upstream (server/routing.py)
             row.gpu_seconds = row.latency_s * self.devices / (running + 1)
             rate = self.cfg.gpu_hour_usd
             row.cost_usd = row.gpu_seconds / 3600 * rate if rate is not None else None

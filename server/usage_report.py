@@ -34,11 +34,14 @@ MAX_SINCE_S = 100 * 366 * 86400  # how far back --since may reach (further is an
 _AGGREGATES = """
     COUNT(*) AS requests,
     COALESCE(SUM(backend = 'holysheep'), 0) AS overflow_requests,
+    COALESCE(SUM(backend NOT IN ('local', 'holysheep')), 0) AS routed_requests,
     COALESCE(SUM(status >= 400), 0) AS failed_requests,
     COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,
     COALESCE(SUM(completion_tokens), 0) AS completion_tokens,
     COALESCE(SUM(CASE WHEN backend = 'holysheep' THEN prompt_tokens + completion_tokens END), 0)
         AS overflow_tokens,
+    COALESCE(SUM(CASE WHEN backend NOT IN ('local', 'holysheep') THEN prompt_tokens + completion_tokens END), 0)
+        AS routed_tokens,
     COALESCE(SUM(NOT tokens_exact), 0) AS estimated_rows,
     COALESCE(SUM(gpu_seconds), 0) AS gpu_seconds,
     SUM(CASE WHEN backend = 'local' THEN cost_usd END) AS local_usd,
@@ -78,14 +81,16 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
 
 def _figures(agg: dict[str, Any]) -> dict[str, Any]:
     requests, total = agg["requests"], agg["prompt_tokens"] + agg["completion_tokens"]
-    local_tokens = total - agg["overflow_tokens"]
+    local_tokens = total - agg["overflow_tokens"] - agg["routed_tokens"]
     local_usd = agg["local_usd"]
     if_local = local_usd / local_tokens * total if local_usd is not None and local_tokens > 0 else None
     actual = (local_usd or 0.0) + agg["overflow_usd"]
     return {
         "requests": requests,
-        "local_requests": requests - agg["overflow_requests"],
+        "local_requests": requests - agg["overflow_requests"] - agg["routed_requests"],
         "overflow_requests": agg["overflow_requests"],
+        "routed_requests": agg["routed_requests"],  # served by a routing target upstream (canary or primary)
+        "routed_share": _ratio(agg["routed_requests"], requests),
         "failed_requests": agg["failed_requests"],
         "overflow_share": _ratio(agg["overflow_requests"], requests),
         "prompt_tokens": agg["prompt_tokens"],

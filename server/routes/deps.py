@@ -46,6 +46,7 @@ class ServingState:
     usage: Any = None  # usage.py UsageRecorder; None: no ledger
     sampling_defaults: SamplingDefaults = NO_DEFAULTS  # from the model's generation_config.json
     pool: FrontendPool | None = None  # rendering and tokenizing off the event loop (None: inline, tests)
+    routing: Any = None  # routing_service.py RoutingService; None: routing off
 
     @property
     def status(self) -> str:

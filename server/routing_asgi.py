@@ -1,0 +1,68 @@
+"""ASGI pieces of routing: a response captured on its way to the client, and a request body read once
+and replayed to whichever app serves it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Message, Receive, Send
+
+from server.routing_compare import Outcome, read_outcome
+
+
+class Capture:
+    """Passes a response on (to `send`, or nowhere) and keeps its status and bytes for the comparison;
+    `on_success` runs when a status below 400 starts the response."""
+
+    def __init__(self, send: Send | None, on_success: Any = None) -> None:
+        self._send, self._on_success = send, on_success
+        self.status = 0
+        self.parts: list[bytes] = []
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.status < 400 and self._on_success is not None:
+                self._on_success()
+        elif message["type"] == "http.response.body":
+            self.parts.append(message.get("body", b""))
+        if self._send is not None:
+            await self._send(message)
+
+    def outcome(self, target: str, latency_s: float, access: dict[str, Any]) -> Outcome:
+        """The response read back; token counts the client did not ask to see come from the access fields."""
+        out = read_outcome(target, self.status, b"".join(self.parts), latency_s, access.get("ttft_s"))
+        if out.output_tokens is None and out.ok:
+            out.prompt_tokens, out.output_tokens = (
+                access.get("prompt_tokens"),
+                access.get("completion_tokens"),
+            )
+        return out
+
+
+def replay(raw: bytes, receive: Receive | None) -> Receive:
+    """A receive that gives the body once, then the real receive's messages (a disconnect), or waits."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        if receive is None:
+            await asyncio.Event().wait()  # a shadow has no client to leave; it is cancelled instead
+        return await receive()  # type: ignore[misc]
+
+    return replayed
+
+
+async def read_all(receive: Receive) -> bytes | None:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)

@@ -1,0 +1,194 @@
+"""Routing targets: the local engine, or an OpenAI-compatible upstream reached with the overflow's
+client (server/overflow_upstream.py), each upstream with its own circuit breaker. Here: serving a client
+from an upstream (the pass-through) and calling one for a shadow comparison."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from server.config import ConfigError
+from server.overflow import CircuitBreaker, UpstreamConfig
+from server.overflow_upstream import (
+    Opened,
+    SseRewriter,
+    Tally,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamStream,
+    next_chunk,
+    read_body,
+    rewrite_json,
+    stream_events,
+)
+from server.routing import LOCAL_TARGET, OVERFLOW_TARGET, RoutingConfig, TargetConfig
+from server.routing_compare import Outcome, read_outcome
+
+
+@dataclass(slots=True, eq=False)
+class Target:
+    name: str
+    client: UpstreamClient | None = None  # None: the local engine
+    breaker: CircuitBreaker | None = None
+    models: dict[str, str] | None = None  # client model id -> upstream id; None: the same id
+    default_model: str | None = None
+    idle_timeout_s: float = 60.0
+
+    @property
+    def is_local(self) -> bool:
+        return self.client is None
+
+    def upstream_model(self, model: str) -> str:
+        if self.models is not None:
+            return self.models.get(model, model)
+        return self.default_model or model
+
+    def available(self) -> bool:
+        """May a request go to it now? (A local target always; an upstream while its breaker allows.)"""
+        return self.breaker is None or self.breaker.allow()
+
+    async def open(self, path: str, body: dict[str, Any]) -> Opened:
+        """The upstream's answer once its first byte is in; its breaker learns the verdict."""
+        assert self.client is not None and self.breaker is not None
+        try:
+            opened = await self.client.open(path, body)
+        except UpstreamError as exc:
+            if exc.breaker:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
+            raise
+        self.breaker.record_success()
+        return opened
+
+
+def _upstream(name: str, cfg: TargetConfig) -> Target:
+    api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+    if cfg.api_key_env and not api_key:
+        raise ConfigError(f"routing.targets.{name}: the environment variable {cfg.api_key_env} is unset")
+    upstream = UpstreamConfig(
+        connect_timeout_s=cfg.connect_timeout_s,
+        first_byte_timeout_s=cfg.first_byte_timeout_s,
+        idle_timeout_s=cfg.idle_timeout_s,
+        retries=0,
+    )
+    return Target(
+        name,
+        UpstreamClient(cfg.base_url, api_key, upstream),
+        CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s),
+        default_model=cfg.model,
+        idle_timeout_s=cfg.idle_timeout_s,
+    )
+
+
+def build_targets(cfg: RoutingConfig, overflow: Any) -> dict[str, Target]:
+    """Every target the routes name. `overflow` is the OverflowService (None: overflow off); its target
+    shares the overflow's breaker and model map, with a client of its own that never retries."""
+    targets = {LOCAL_TARGET: Target(LOCAL_TARGET)}
+    named = {n for r in cfg.models.values() for n in (r.primary, r.candidate) if n is not None}
+    if OVERFLOW_TARGET in named:
+        if overflow is None:
+            raise ConfigError("routing names the 'overflow' target, but overflow is not enabled")
+        policy = overflow.policy
+        api_key = os.environ.get(policy.api_key_env, "")
+        targets[OVERFLOW_TARGET] = Target(
+            OVERFLOW_TARGET,
+            UpstreamClient(policy.base_url, api_key, replace(policy.upstream, retries=0)),
+            overflow.breaker,
+            models=dict(policy.models),
+            idle_timeout_s=policy.upstream.idle_timeout_s,
+        )
+    for name, target_cfg in cfg.targets.items():
+        targets[name] = _upstream(name, target_cfg)
+    return targets
+
+
+def upstream_body(body: dict[str, Any], model: str, *, stream: bool | None = None) -> dict[str, Any]:
+    """The request as an upstream gets it: its model id, and usage asked for when streaming."""
+    out = {**body, "model": model}
+    if stream is not None:
+        out["stream"] = stream
+    if out.get("stream"):
+        options = out.get("stream_options") if isinstance(out.get("stream_options"), dict) else {}
+        out["stream_options"] = {**options, "include_usage": True}
+    return out
+
+
+async def pass_through(
+    target: Target,
+    opened: Opened,
+    body: dict[str, Any],
+    access: dict[str, Any],
+    request_id: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Answer the client from an opened upstream response with the client's model id and our request id
+    (the overflow's pass-through), and fill the access fields the ledger reads."""
+    model = str(body.get("model") or access.get("model") or "")
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    tally = Tally(local_prompt_tokens=0)
+    access.update(id=request_id, model=model, stream=stream, served_by=target.name,
+                  upstream_model=target.upstream_model(model))  # fmt: skip
+    headers = {"X-Request-Id": request_id}
+    response: Response
+    if stream:
+        rewriter = SseRewriter(model, request_id, bool(options.get("include_usage")), tally)
+
+        def on_close() -> None:
+            if tally.ended is None and not rewriter.done:
+                tally.ended = "abort"
+            if tally.ended == "error" and target.breaker is not None:
+                target.breaker.record_failure()
+            access.update(tally.access_fields())
+
+        events = stream_events(opened, rewriter, target.idle_timeout_s)
+        response = UpstreamStream(events, opened, on_close, headers)
+    else:
+        try:
+            response = rewrite_json(await read_body(opened, target.idle_timeout_s), model, request_id, tally)
+        except UpstreamError as exc:
+            tally.ended = "error"
+            response = exc.api_error().response()
+        finally:
+            await opened.aclose()
+        access.update(tally.access_fields())
+    await response(scope, receive, send)
+
+
+async def call_upstream(target: Target, path: str, body: dict[str, Any]) -> Outcome:
+    """A shadow call: the request streamed to the upstream, read to its end; never raises for what the
+    upstream does (an Outcome with an error says it)."""
+    started = time.monotonic()
+    model = target.upstream_model(str(body.get("model") or ""))
+    try:
+        opened = await target.open(path, upstream_body(body, model, stream=True))
+    except UpstreamError as exc:
+        outcome = Outcome(target.name, exc.status or 0, round(time.monotonic() - started, 4))
+        outcome.error = str(exc)[:200]
+        return outcome
+    tally = Tally(local_prompt_tokens=0, started=started)
+    rewriter = SseRewriter(model, "shadow", True, tally)
+    parts = []
+    try:
+        chunk: bytes | None = opened.first
+        while chunk is not None:
+            parts.append(rewriter.feed(chunk))
+            chunk = await next_chunk(opened, target.idle_timeout_s)
+    except UpstreamError as exc:
+        if target.breaker is not None:
+            target.breaker.record_failure()
+        outcome = Outcome(target.name, 200, round(time.monotonic() - started, 4))
+        outcome.error = str(exc)[:200]
+        return outcome
+    finally:
+        await opened.aclose()
+    ttft = tally.first_content - started if tally.first_content is not None else None
+    return read_outcome(target.name, 200, b"".join(parts), time.monotonic() - started, ttft)

@@ -1,0 +1,224 @@
+"""Routing without servers: the config, the sticky assignment, the guards, the comparison measures, the
+plan (who serves, who shadows) and the store's migrations. tests/test_routing_http.py runs real servers."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from types import SimpleNamespace
+
+import pytest
+
+from server.config import ApiKey, ConfigError, api_key_id
+from server.errors import APIError
+from server.routing import GuardConfig, GuardWindow, Mode, Sample, bucket, parse_routing_config
+from server.routing_compare import Outcome, ToolCall, json_valid, read_outcome, rouge_l, tool_calls_agree
+from server.routing_service import RoutingService
+from server.routing_store import SCHEMA_VERSION, ComparisonRow, RoutingStore
+
+TARGET = {"base_url": "http://127.0.0.1:9/v1"}
+
+
+def section(**route: object) -> dict:
+    return {
+        "enabled": True,
+        "targets": {"cloud": TARGET},
+        "models": {
+            "glm-5": {"primary": "local", "candidate": "cloud", "mode": "canary", "weight": 30, **route}
+        },
+    }
+
+
+def test_config_parses_and_names_what_is_wrong():
+    cfg = parse_routing_config(section())
+    assert cfg.models["glm-5"].mode is Mode.CANARY and cfg.models["glm-5"].weight == 30
+    assert parse_routing_config(None).enabled is False
+    bad = [
+        ({**section(), "colour": 1}, "routing.colour"),
+        (section(candidate="nowhere"), "unknown target 'nowhere'"),
+        (section(mode="blue"), "mode must be off, shadow or canary"),
+        (section(weight=120), "0 to 100"),
+        (section(candidate=None), "needs a candidate"),
+        ({**section(), "targets": {"local": TARGET}}, "reserved"),
+        ({**section(), "targets": {"cloud": {"base_url": "ftp://x"}}}, "an http\\(s\\) URL"),
+        ({**section(), "guards": {"window": 5, "min_samples": 9}}, "min_samples"),
+    ]
+    for value, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_routing_config(value)
+
+
+def test_sticky_buckets_split_many_keys_at_the_weight():
+    keys = [api_key_id(f"sk-{i}") for i in range(10_000)]
+    share = sum(bucket(k, "salt") < 30 for k in keys) / len(keys)
+    assert abs(share - 0.30) <= 3 * math.sqrt(0.3 * 0.7 / len(keys))
+    assert all(bucket(k, "salt") == bucket(k, "salt") for k in keys[:100])
+    # raising the weight only adds keys: every key under 10 % is also under 30 %
+    assert {k for k in keys if bucket(k, "salt") < 10} <= {k for k in keys if bucket(k, "salt") < 30}
+    assert sum(bucket(k, "other") < 30 for k in keys[:100]) != sum(bucket(k, "salt") < 30 for k in keys[:100])
+
+
+def test_guards_trip_on_errors_latency_and_validity_only_with_enough_samples():
+    window = GuardWindow(GuardConfig(window=10, min_samples=4, max_error_rate=0.25))
+    for _ in range(3):
+        window.candidate.append(Sample(False, None, 1.0))
+    assert window.tripped() is None  # 3 < min_samples
+    window.candidate.append(Sample(True, 0.1, 1.0))
+    assert window.tripped()[0] == "error_rate"
+
+    window = GuardWindow(GuardConfig(window=10, min_samples=4, max_ttft_ratio=2.0))
+    for _ in range(4):
+        window.primary.append(Sample(True, 0.1, 1.0))
+        window.candidate.append(Sample(True, 0.5, 1.0))
+    assert window.tripped()[0] == "ttft_ratio"
+
+    window = GuardWindow(GuardConfig(window=10, min_samples=4, min_json_valid_rate=0.8))
+    for valid in (True, True, False, False):
+        window.candidate.append(Sample(True, 0.1, 1.0, json_ok=valid))
+    assert window.tripped()[0] == "json_validity"
+
+
+def test_similarity_tool_calls_and_json_validity():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("a b c d", "x y z") == 0.0
+    assert 0.0 < rouge_l("the cat sat on the mat", "the cat lay on a mat") < 1.0
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+    a, b = Outcome("a", 200), Outcome("b", 200)
+    a.tool_calls, b.tool_calls = [ToolCall("get", '{"city": "Paris"}')], [ToolCall("get", '{"city":"Paris"}')]
+    assert tool_calls_agree(a, b, tools) is True
+    b.tool_calls = [ToolCall("get", '{"town": "Paris"}')]
+    assert tool_calls_agree(a, b, tools) is False
+    assert tool_calls_agree(a, b, None) is None
+    fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["x"]}}}
+    a.text, b.text = '{"x": 1}', '{"y": 1}'
+    assert json_valid(a, fmt) is True and json_valid(b, fmt) is False and json_valid(a, None) is None
+
+
+def test_outcomes_read_from_sse_and_json():
+    sse = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    )
+    out = read_outcome("t", 200, sse, 1.0, 0.1)
+    assert (out.text, out.finish_reason, out.output_tokens, out.prompt_tokens, out.ok) == (
+        "Hello",
+        "length",
+        2,
+        5,
+        True,
+    )
+    cut = read_outcome("t", 200, sse.replace(b"data: [DONE]\n\n", b""), 1.0, 0.1)
+    assert not cut.ok and "[DONE]" in cut.error
+    body = (
+        b'{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"completion_tokens":1}}'
+    )
+    assert read_outcome("t", 200, body, 1.0, None).text == "hi"
+    assert not read_outcome("t", 500, b"{}", 1.0, None).ok
+
+
+def _service(tmp_path, **route: object) -> RoutingService:
+    cfg = parse_routing_config(section(**route))
+    from prometheus_client import CollectorRegistry
+
+    from server.routing_targets import Target
+
+    serving = SimpleNamespace(draining=False, ready=True, served_model_name="glm-5", overflow=None)
+    targets = {"local": Target("local"), "cloud": Target("cloud", client=object(), breaker=None)}
+    return RoutingService(cfg, RoutingStore(tmp_path / "r.sqlite"), CollectorRegistry(), targets, serving)
+
+
+def _scope(key: ApiKey, **headers: str) -> dict:
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return {"path": "/v1/chat/completions", "headers": raw, "state": {"api_key": key}}
+
+
+def test_plan_keeps_sovereign_requests_home_and_checks_x_route(tmp_path):
+    service = _service(tmp_path, primary="cloud", candidate="local", mode="shadow", weight=100)
+    user, sovereign = ApiKey("u1"), ApiKey("s1", sovereign=True)
+    plan = service.plan(_scope(user), {"model": "glm-5"})
+    assert plan.served.name == "cloud" and plan.shadow.name == "local"
+    plan = service.plan(_scope(sovereign), {"model": "glm-5"})
+    assert plan.served.name == "local" and plan.shadow is None  # served here, not twice
+    plan = service.plan(_scope(user, **{"x-overflow": "never"}), {"model": "glm-5"})
+    assert plan.served.name == "local"
+
+    service = _service(tmp_path, mode="shadow", weight=100)  # primary local, candidate cloud
+    assert service.plan(_scope(sovereign), {"model": "glm-5"}).shadow is None
+    assert service.plan(_scope(user), {"model": "glm-5"}).shadow.name == "cloud"
+    with pytest.raises(APIError) as denied:
+        service.plan(_scope(user, **{"x-route": "candidate"}), {"model": "glm-5"})
+    assert denied.value.status == 403
+    forced = service.plan(_scope(ApiKey("a", admin=True), **{"x-route": "candidate"}), {"model": "glm-5"})
+    assert forced.served.name == "cloud" and forced.fallback.name == "local"
+    assert service.plan(_scope(user), {"model": "other"}) is None
+
+
+def test_store_migrates_once_and_refuses_a_newer_file(tmp_path):
+    path = tmp_path / "r.sqlite"
+    store = RoutingStore(path)
+    store.add_comparison(
+        ComparisonRow(1.0, "shadow", "m", "/v1/chat/completions", "id", "k", "a", "b", "primary")
+    )
+    store.set_weight("m", 40, "admin")
+    store.close()
+    store = RoutingStore(path)  # reopening runs no migration twice
+    assert store.weights() == {"m": 40.0}
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ConfigError, match="newer"):
+        RoutingStore(path)
+
+
+def test_the_overflow_upstream_is_a_target_sharing_its_breaker(monkeypatch):
+    from server.overflow import CircuitBreaker, OverflowConfig
+    from server.routing_targets import build_targets
+
+    monkeypatch.setenv("GLM_SERVE_TEST_HS_KEY", "sk-hs")
+    policy = OverflowConfig(enabled=True, api_key_env="GLM_SERVE_TEST_HS_KEY", models={"glm-5": "glm_5"})
+    overflow = SimpleNamespace(policy=policy, breaker=CircuitBreaker(2, 30.0))
+    cfg = parse_routing_config(section(candidate="overflow"))
+    targets = build_targets(cfg, overflow)
+    target = targets["overflow"]
+    assert target.breaker is overflow.breaker and target.upstream_model("glm-5") == "glm_5"
+    assert target.client.cfg.retries == 0  # routing calls are never retried
+    overflow.breaker.record_failure()
+    overflow.breaker.record_failure()
+    assert not target.available()  # the overflow's open breaker: no canary traffic
+    with pytest.raises(ConfigError, match="overflow is not enabled"):
+        build_targets(cfg, None)
+
+
+def test_rows_keep_text_only_when_asked():
+    from server.routing import RouteConfig
+    from server.routing_track import comparison_row
+
+    plan = SimpleNamespace(
+        body={"messages": [{"role": "user", "content": "secret prompt"}]}, model="glm-5", path="chat/completions",
+        request_id="r1", key=ApiKey("k1"), route=RouteConfig("a", "b", Mode.SHADOW, 100), role="primary",
+    )  # fmt: skip
+    a, b = (
+        Outcome("a", 200, 1.0, 0.1, 5, 3, "stop", "hello there"),
+        Outcome("b", 200, 2.0, 0.2, 5, 3, "stop", "hello"),
+    )
+    row = comparison_row("shadow", plan, a, b, store_text=False)
+    assert (row.prompt, row.primary_text, row.candidate_text) == (None, None, None)
+    assert row.key_id == "k1" and row.similarity == rouge_l("hello there", "hello") and row.prompt_tokens == 5
+    row = comparison_row("shadow", plan, a, b, store_text=True)
+    assert "secret prompt" in row.prompt and (row.primary_text, row.candidate_text) == (
+        "hello there",
+        "hello",
+    )
+
+
+def test_a_candidate_with_an_open_breaker_takes_no_canary_traffic(tmp_path):
+    from server.overflow import CircuitBreaker
+
+    service = _service(tmp_path, mode="canary", weight=100)
+    assert service.plan(_scope(ApiKey("u1")), {"model": "glm-5"}).served.name == "cloud"
+    service.targets["cloud"].breaker = CircuitBreaker(1, 600.0)
+    service.targets["cloud"].breaker.record_failure()
+    plan = service.plan(_scope(ApiKey("u1")), {"model": "glm-5"})
+    assert (plan.served.name, plan.role, plan.fallback) == ("local", "primary", None)

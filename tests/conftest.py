@@ -46,6 +46,7 @@ from server.config import CONFIG_DIR, Config, EngineConfig, load_config
 from server.engine_api import Delta, GenerateRequest, Load
 
 ENGINE_FACTORY = os.environ.get("GLM_SERVE_TEST_ENGINE", "server.engine:NativeEngine")
+ON_VLLM = "vllm" in ENGINE_FACTORY  # make test-vllm: known gaps of the vLLM adapter are xfail there
 TEST_PROFILE = CONFIG_DIR / "cpu.yaml"
 TEST_ENGINE_OVERRIDES: dict[str, Any] = {"engine.max_model_len": 1024, "engine.max_num_seqs": 64}
 API_KEY = "sk-test-key-1"

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from server.app import served_model_name
-from server.cli import build_parser, main
+from server.cli import main, parse_args
+from server.cli_flags import config_from_args
 from server.config import load_config
 from tests.conftest import ENGINE_FACTORY, TEST_PROFILE, free_port, wait_until
 
@@ -159,15 +160,14 @@ def test_second_signal_stops_at_once(tmp_path):
 
 
 def test_cli_flags_override_the_profile(tmp_path):
-    args = build_parser().parse_args(
+    args, extra = parse_args(
         ["serve", "--model", "/models/GLM-4.5-Air", "--host", "0.0.0.0", "--port", "9001",
-         "--api-key-file", "keys.txt", "--served-model-name", "glm"]
+         "--served-model-name", "glm"]
     )  # fmt: skip
-    assert (args.config, args.model, args.port) == (str(TEST_PROFILE), "/models/GLM-4.5-Air", 9001)
-    cfg = load_config(
-        args.config, {"engine.model": args.model, "server.host": args.host, "server.port": args.port}
-    )
+    assert args.config == str(TEST_PROFILE)
+    cfg = config_from_args(args, extra)
     assert (cfg.engine.model, cfg.server.host, cfg.server.port) == ("/models/GLM-4.5-Air", "0.0.0.0", 9001)
+    cfg.server.served_model_name = None
 
     class Named:
         model_name = "engine-name"

@@ -57,7 +57,7 @@ def post_completion(server, **body):
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"response_format": {"type": "json_schema"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stop": ""}, "stop"),
         ({"messages": []}, "messages"),

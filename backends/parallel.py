@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_linear
+from glm_kernels import cpu_linear
 
 TIMEOUT_ENV = "GLM_SERVE_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0  # one collective (a forward step, a gather) may wait this long for the other ranks
@@ -185,7 +185,7 @@ def read(tensor: Any, narrow: Narrow | None) -> torch.Tensor:
 
 # --- layers ---------------------------------------------------------------------------------------------
 class Linear(nn.Linear):
-    """nn.Linear whose weight the runner may pre-pack for the device (kernels/cpu_linear.py): `packed` is
+    """nn.Linear whose weight the runner may pre-pack for the device (glm_kernels/cpu_linear.py): `packed` is
     then used for the matmul, the dense `weight` stays for loading and for readers of it."""
 
     packed: torch.Tensor | None = None
@@ -255,7 +255,7 @@ class VocabParallelEmbedding(nn.Embedding):
     """Rows [first, first + held) of the vocabulary; every rank has ceil(vocab / tp) rows, the last one's
     padding rows are zero and never looked up (ids < vocab) and cut from the gathered logits."""
 
-    packed: torch.Tensor | None = None  # the weight pre-packed for logits (kernels/cpu_linear.py)
+    packed: torch.Tensor | None = None  # the weight pre-packed for logits (glm_kernels/cpu_linear.py)
 
     def __init__(self, vocab_size: int, dim: int):
         tp = current()

@@ -23,8 +23,8 @@ from backends.loader import iter_safetensors
 from backends.models import model_class
 from backends.parallel import TensorParallel, use
 from backends.sampler import Sampler, SampleResult
-from kernels import cpu_linear
-from kernels.reference import build_metadata
+from glm_kernels import cpu_linear
+from glm_kernels.reference import build_metadata
 from server.config import EngineConfig
 from server.scheduler.scheduler import SchedulerOutput
 from server.structured_output import StructuredOutput
@@ -216,9 +216,9 @@ class TorchModelRunner:
 
 
 def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:
-    """Point every attention layer at the profile's kernel (kernels/registry.py); "auto" picks the fastest
+    """Point every attention layer at the profile's kernel (glm_kernels/registry.py); "auto" picks the fastest
     one available on the device. Layers default to the plain-torch reference."""
-    from kernels.registry import AttentionKernelError, get_attention_kernel, preferred_kernel
+    from glm_kernels.registry import AttentionKernelError, get_attention_kernel, preferred_kernel
 
     name = config.attention_kernel
     if name == "auto":

@@ -1,9 +1,9 @@
 """CPU hot ops of the native engine against what they replace, at the embedded model's shapes.
 
-- decode attention: kernels/cpu_paged.py's C++ kernel against kernels/reference.py (gather + SDPA), over a
+- decode attention: glm_kernels/cpu_paged.py's C++ kernel against glm_kernels/reference.py (gather + SDPA), over a
   paged cache with shuffled blocks; achieved bandwidth (bytes of K/V read once) against a measured read
   bandwidth of the same size;
-- linear layers: kernels/cpu_linear.py (oneDNN, pre-packed weight) against F.linear (MKL sgemm).
+- linear layers: glm_kernels/cpu_linear.py (oneDNN, pre-packed weight) against F.linear (MKL sgemm).
 
 All in one process, one after the other, so the ratios are comparable. Writes JSON under
 benchmarks/results/ and prints a markdown table (benchmarks/KERNELS.md keeps the runs).
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.offline_throughput import cpu_model, git_commit  # noqa: E402
-from kernels import cpu_linear, cpu_paged  # noqa: E402
-from kernels.reference import build_metadata, paged_attention  # noqa: E402
+from glm_kernels import cpu_linear, cpu_paged  # noqa: E402
+from glm_kernels.reference import build_metadata, paged_attention  # noqa: E402
 
 # SmolLM2-135M: 9 query heads, 3 KV heads x 64, hidden 576, intermediate 1536, vocabulary 49152.
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64

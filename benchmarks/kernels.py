@@ -7,10 +7,10 @@ context 4096 minus 0..15 tokens, so contexts end mid-block):
     mla16    batch 64, MLA latent 512 + rope 64, 16 query heads (one head block)
     mla64    the same with 64 query heads (four head blocks over the same latent rows)
     dsa64    mla64 with GLM-5's DSA: each token attends to 2048 of its keys (top-k index lists)
-For each: the Triton kernel's output is checked against kernels/reference on the same inputs, then timed
+For each: the Triton kernel's output is checked against glm_kernels/reference on the same inputs, then timed
 (triton.testing.do_bench: L2 flushed before each run, median) with its default launch configuration and the
 best of a small sweep (each swept configuration is checked too), next to
-    reference  kernels/reference (gather the blocks, then SDPA): the native engine's kernel today
+    reference  glm_kernels/reference (gather the blocks, then SDPA): the native engine's kernel today
     sdpa       SDPA alone over KV gathered beforehand: the reference without its gather
 Bytes = what a decode kernel must move: every visible K/V (or latent) row once, the queries, the outputs.
 Copy bandwidth = 2 x bytes / time of a 1 GiB device-to-device copy.
@@ -67,10 +67,10 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.dsa_topk import reference_mla_attention  # noqa: E402
-from kernels.triton_mla import mla_group  # noqa: E402
-from kernels.triton_paged import group_views, paged_decode  # noqa: E402
+from glm_kernels import reference  # noqa: E402
+from glm_kernels.dsa_topk import reference_mla_attention  # noqa: E402
+from glm_kernels.triton_mla import mla_group  # noqa: E402
+from glm_kernels.triton_paged import group_views, paged_decode  # noqa: E402
 
 DEVICE = "cpu" if ARGS.smoke else "cuda"
 GQA_SWEEP = {

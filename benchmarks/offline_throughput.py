@@ -136,8 +136,8 @@ def run_vllm(model_dir: Path, work: Workload, args) -> dict | None:
 
 def gemm_gflops(threads: int, n: int = 1024, repeat: int = 10) -> dict[str, float]:
     """fp32 GFLOP/s of an n x n x n matmul through MKL (torch.matmul) and through oneDNN with a pre-packed
-    weight (the engine's linear layers, kernels/cpu_linear.py)."""
-    from kernels import cpu_linear
+    weight (the engine's linear layers, glm_kernels/cpu_linear.py)."""
+    from glm_kernels import cpu_linear
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)

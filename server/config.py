@@ -44,7 +44,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into (-pp; vLLM only)
     # 1, or tp x dp: the experts spread over those devices (--enable-expert-parallel)
     expert_parallel_size: int = 1
-    attention_kernel: str = "reference"  # a kernels/ name the device offers; "auto": the backend's choice
+    attention_kernel: str = "reference"  # a glm_kernels/ name the device offers; "auto": the backend's choice
     # Hardware layout and weight format, read by the memory planner (backends/planner.py) and validate().
     accelerator: str | None = None  # the card sized for, e.g. h200-141gb (backends/devices); None: the host
     weight_dtype: str = "auto"  # auto (= dtype) | bfloat16 | float16 | float32 | fp8 | w8a8 | w4a8

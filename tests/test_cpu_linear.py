@@ -1,4 +1,4 @@
-"""kernels/cpu_linear.py: oneDNN linear layers with weights packed at load, against F.linear, and which
+"""glm_kernels/cpu_linear.py: oneDNN linear layers with weights packed at load, against F.linear, and which
 layers of a model the runner packs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear
-from kernels import cpu_linear
+from glm_kernels import cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN linear")
 

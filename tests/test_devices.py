@@ -40,7 +40,7 @@ def test_identity_attributes(name):
 
 @pytest.mark.parametrize("name", sorted(IDENTITY))
 def test_attention_kernels_are_registered_for_the_device(name):
-    from kernels.registry import ATTENTION_KERNELS
+    from glm_kernels.registry import ATTENTION_KERNELS
 
     device = get_device(name)
     for kernel in device.attention_kernels:

@@ -1,4 +1,4 @@
-"""kernels/registry.py: names -> lazily imported kernels; clear config errors; checks that import nothing."""
+"""glm_kernels/registry.py: names -> lazily imported kernels; clear config errors; checks that import nothing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from kernels import dsa_topk, reference
-from kernels.registry import (
+from glm_kernels import dsa_topk, reference
+from glm_kernels.registry import (
     ATTENTION_KERNELS,
     AttentionKernelError,
     KernelSpec,
@@ -92,7 +92,7 @@ def test_vendor_entries_resolve_with_their_library_present(monkeypatch):
     install_fake(monkeypatch, "torch_mlu")
     install_fake(monkeypatch, "torch_mlu_ops")
     ascend = get_attention_kernel("ascend", "npu:0", block_size=128)
-    assert ascend.paged_attention.__module__ == "kernels.ascend"
+    assert ascend.paged_attention.__module__ == "glm_kernels.ascend"
     assert ascend.spec.mla_cache.startswith("a (c_kv")
     cambricon = get_attention_kernel("cambricon", "mlu")
     assert cambricon.spec.kv_layout == "[num_blocks, kv_heads, block_size, dim]"
@@ -103,7 +103,7 @@ def test_availability_check_imports_nothing(monkeypatch, tmp_path):
     (tmp_path / "exploding_vendor.py").write_text("raise RuntimeError('imported!')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = KernelSpec(
-        "kernels.reference:paged_attention", None, devices=("npu",), requires=("exploding_vendor",)
+        "glm_kernels.reference:paged_attention", None, devices=("npu",), requires=("exploding_vendor",)
     )
     monkeypatch.setitem(ATTENTION_KERNELS, "exploding", spec)
     assert "exploding" in available_kernels("npu")

@@ -1,4 +1,4 @@
-"""kernels/cpu_paged.py (C++ decode kernel, per-request SDPA prefill) against kernels/reference.py, and the
+"""glm_kernels/cpu_paged.py (C++ decode kernel, per-request SDPA prefill) against glm_kernels/reference.py, and the
 engine with it installed against transformers. The kernel is compiled on first use (about 20 s here)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from kernels import cpu_paged
-from kernels.reference import build_metadata, paged_attention, write_kv
-from kernels.registry import AttentionKernelError, get_attention_kernel
+from glm_kernels import cpu_paged
+from glm_kernels.reference import build_metadata, paged_attention, write_kv
+from glm_kernels.registry import AttentionKernelError, get_attention_kernel
 from tests.engine_helpers import check_parity, make_tiny_llama, one_torch_thread, random_prompts
 
 missing = cpu_paged.missing_build_tools()

@@ -4,8 +4,8 @@ keys and values expanded by kv_b_proj (the textbook formulation), on a mixed dec
 import pytest
 import torch
 
-from kernels.mla_reference import dsa_select, mla_paged_attention, write_rows
-from kernels.reference import build_metadata
+from glm_kernels.mla_reference import dsa_select, mla_paged_attention, write_rows
+from glm_kernels.reference import build_metadata
 
 HEADS, NOPE, ROPE, V, RANK = 4, 12, 8, 10, 16
 INDEX_HEADS, INDEX_DIM = 8, 8

@@ -1,11 +1,11 @@
-"""kernels/reference.py: paged attention over a mixed batch equals dense causal attention per request."""
+"""glm_kernels/reference.py: paged attention over a mixed batch equals dense causal attention per request."""
 
 import random
 
 import pytest
 import torch
 
-from kernels.reference import build_metadata, naive_attention, paged_attention, write_kv
+from glm_kernels.reference import build_metadata, naive_attention, paged_attention, write_kv
 
 
 def _random_case(seed: int, block_size: int, heads: int, kv_heads: int, dim: int, n_req: int):

@@ -1,4 +1,4 @@
-"""kernels/triton_paged.py and kernels/triton_mla.py against the plain-torch references.
+"""glm_kernels/triton_paged.py and glm_kernels/triton_mla.py against the plain-torch references.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernel modules
 are decorated); with one they run compiled on it. fp32 inputs are held to fp32 tolerances; fp16/bf16 outputs
@@ -27,11 +27,11 @@ if not HAS_CUDA and not isinstance(triton.language.standard.cdiv, InterpretedFun
         allow_module_level=True,
     )
 
-from kernels import triton_mla, triton_paged  # noqa: E402
-from kernels.dsa_topk import selection_to_topk  # noqa: E402
-from kernels.mla_reference import dsa_select, write_rows  # noqa: E402
-from kernels.mla_reference import mla_paged_attention as mla_reference  # noqa: E402
-from kernels.reference import build_metadata, paged_attention, write_kv  # noqa: E402
+from glm_kernels import triton_mla, triton_paged  # noqa: E402
+from glm_kernels.dsa_topk import selection_to_topk  # noqa: E402
+from glm_kernels.mla_reference import dsa_select, write_rows  # noqa: E402
+from glm_kernels.mla_reference import mla_paged_attention as mla_reference  # noqa: E402
+from glm_kernels.reference import build_metadata, paged_attention, write_kv  # noqa: E402
 
 assert triton_paged.INTERPRETED == (not HAS_CUDA)
 
@@ -132,7 +132,7 @@ def test_unsupported_dtype_is_a_clear_error():
 
 # -- MLA over the latent cache, dense and DSA top-k -----------------------------------------------------
 def naive_mla(q_nope, q_pe, cache, starts, q_lens, tables, scale, topk=None):
-    """The docstring semantics of kernels/triton_mla.py, one query token at a time."""
+    """The docstring semantics of glm_kernels/triton_mla.py, one query token at a time."""
     rank, block_size = q_nope.shape[-1], cache.shape[1]
     out = torch.zeros(q_nope.shape, dtype=torch.float32)
     row = 0

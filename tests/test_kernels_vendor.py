@@ -1,4 +1,4 @@
-"""kernels/ascend.py and kernels/cambricon.py against the plain-torch references, through the FAKE vendor
+"""glm_kernels/ascend.py and glm_kernels/cambricon.py against the plain-torch references, through the FAKE vendor
 modules of tests/fakes (plain-torch implementations of the ops' documented semantics, which check the
 documented argument constraints). They prove the layouts and lengths we pass, not the vendor numerics."""
 
@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from kernels import ascend, cambricon
-from kernels.dsa_topk import reference_mla_attention, selection_to_topk
-from kernels.mla_reference import dsa_select, write_rows
-from kernels.reference import build_metadata, paged_attention, write_kv
+from glm_kernels import ascend, cambricon
+from glm_kernels.dsa_topk import reference_mla_attention, selection_to_topk
+from glm_kernels.mla_reference import dsa_select, write_rows
+from glm_kernels.reference import build_metadata, paged_attention, write_kv
 from tests.fakes import install_fake
 from tests.fakes.common import FakeOpError
 
@@ -164,7 +164,7 @@ def test_cambricon_sparse_topk_runs_on_the_reference(tmo):
 # -- lazy imports ----------------------------------------------------------------------------------------
 def test_wrappers_import_no_vendor_library():
     code = (
-        "import sys, kernels.ascend, kernels.cambricon, kernels.registry; "
+        "import sys, glm_kernels.ascend, glm_kernels.cambricon, glm_kernels.registry; "
         "print(sorted(m for m in ('torch_npu', 'torch_mlu', 'torch_mlu_ops', 'triton') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

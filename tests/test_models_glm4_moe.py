@@ -5,7 +5,7 @@ import torch
 
 from backends.models.glm4_moe import Glm4MoeForCausalLM
 from backends.models.tiny import write_random_model
-from kernels.cpu_paged import missing_build_tools
+from glm_kernels.cpu_paged import missing_build_tools
 from tests.engine_helpers import check_parity, random_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

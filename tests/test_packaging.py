@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "server", "backends", "kernels", "benchmarks", "configs")
+SOURCES = ("pyproject.toml", "server", "backends", "glm_kernels", "benchmarks", "configs")
 
 
 @pytest.fixture(scope="module")

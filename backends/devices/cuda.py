@@ -59,7 +59,7 @@ class CudaDevice(DeviceAdapter):
     device_control_env_var = "CUDA_VISIBLE_DEVICES"
     device_node_glob = "/proc/driver/nvidia/version"  # present once the NVIDIA kernel driver is loaded
     supported_dtypes = ("float32", "bfloat16", "float16")
-    attention_kernels = ("reference", "triton")  # names in kernels/registry.py
+    attention_kernels = ("reference", "triton")  # names in glm_kernels/registry.py
 
     def library_present(self) -> bool:
         """A CUDA build of torch; torch.backends.cuda.is_built() reads a build flag and touches no GPU."""

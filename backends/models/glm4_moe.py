@@ -10,7 +10,7 @@ from torch import nn
 from backends.models.common import GqaKvCache, RMSNorm, RotaryEmbedding, fused_qkv_slot, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
 from backends.parallel import ColumnParallelLinear, RowParallelLinear, Slot, attention_heads, current
-from kernels.reference import AttentionMetadata, paged_attention, write_kv
+from glm_kernels.reference import AttentionMetadata, paged_attention, write_kv
 
 
 class Glm4MoeAttention(nn.Module):

@@ -18,8 +18,8 @@ from torch import nn
 from backends.models.mla import MlaAttention, MlaCausalLM, MlaRope
 from backends.models.moe import Fp32Linear, StepState
 from backends.parallel import Linear
-from kernels.mla_reference import dsa_select, write_rows
-from kernels.reference import AttentionMetadata
+from glm_kernels.mla_reference import dsa_select, write_rows
+from glm_kernels.reference import AttentionMetadata
 
 
 class DsaIndexer(nn.Module):

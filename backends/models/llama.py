@@ -24,7 +24,7 @@ from backends.parallel import (
     attention_heads,
     current,
 )
-from kernels.reference import AttentionMetadata, paged_attention, write_kv
+from glm_kernels.reference import AttentionMetadata, paged_attention, write_kv
 
 
 class LlamaAttention(nn.Module):

@@ -3,7 +3,7 @@
 Queries come from a low-rank path (q_a_proj -> RMSNorm -> q_b_proj) or one q_proj; keys and values from a
 shared latent c = RMSNorm(kv_a) of kv_lora_rank dims plus one roped key k_pe of qk_rope_head_dim dims
 shared by all heads. The cache stores [c | k_pe] per token; kv_b_proj's key and value halves are absorbed
-into the query and the output (kernels/mla_reference.py).
+into the query and the output (glm_kernels/mla_reference.py).
 
 Tensor parallelism splits the attention heads (q_proj / q_b_proj and kv_b_proj by output rows, o_proj by
 input columns). The latent is per token, not per head: every rank computes it (kv_a_proj and q_a_proj are
@@ -20,9 +20,9 @@ from torch import nn
 from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
 from backends.models.moe import GlmCausalLM, StepState
 from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear, current
-from kernels.dsa_topk import selection_to_topk
-from kernels.mla_reference import mla_paged_attention, write_rows
-from kernels.reference import AttentionMetadata
+from glm_kernels.dsa_topk import selection_to_topk
+from glm_kernels.mla_reference import mla_paged_attention, write_rows
+from glm_kernels.reference import AttentionMetadata
 
 
 class MlaRope(nn.Module):
@@ -84,7 +84,7 @@ class MlaAttention(nn.Module):
         self.rope = rope
         self.scale = softmax_scale(config)
         self.mla_attention_fn = (
-            None  # None: kernels/mla_reference.py; else the runner installs a registry kernel
+            None  # None: glm_kernels/mla_reference.py; else the runner installs a registry kernel
         )
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
@@ -112,7 +112,7 @@ class MlaAttention(nn.Module):
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
         if self.mla_attention_fn is None:
             o_latent = mla_paged_attention(q_latent, q_pe, cache, meta, self.scale, selection)
-        else:  # a registry kernel (kernels/registry.py) takes the selection as top-k index lists
+        else:  # a registry kernel (glm_kernels/registry.py) takes the selection as top-k index lists
             topk = None
             if selection is not None:
                 k = max(1, max(int(mask.sum(-1).max()) for mask in selection))

@@ -1,7 +1,7 @@
 """FAKE vendor modules for CPU tests: plain-torch implementations of the DOCUMENTED semantics of torch_npu's
 and torch_mlu_ops' attention ops (argument names, layouts, length conventions, and the documented constraints,
 checked loudly). They contain no vendor code and say nothing about the real ops' numerics or speed; they
-exist so that tests can check that kernels/ascend.py and kernels/cambricon.py pass the right layouts and
+exist so that tests can check that glm_kernels/ascend.py and glm_kernels/cambricon.py pass the right layouts and
 lengths. Install one with `install_fake(monkeypatch, "torch_npu")`."""
 
 from __future__ import annotations

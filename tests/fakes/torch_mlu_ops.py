@@ -1,5 +1,5 @@
 """FAKE torch_mlu_ops for CPU tests - NOT Cambricon code. Plain-torch implementations of the documented
-semantics of the TMO attention ops kernels/cambricon.py calls (as Cambricon/vllm-mlu vllm_mlu/_mlu_ops.py and
+semantics of the TMO attention ops glm_kernels/cambricon.py calls (as Cambricon/vllm-mlu vllm_mlu/_mlu_ops.py and
 vllm_mlu/attention/backends/flash_attn.py use them), argument constraints checked loudly:
   single_query_cached_kv_attn   decode over head-major paged caches [num_blocks, kv_heads, block_size, D]
   flash_attention               packed varlen prefill over the same paged caches (block_tables given)"""

@@ -1,5 +1,5 @@
 """FAKE torch_npu for CPU tests - NOT Huawei code. Plain-torch implementations of the documented semantics of
-the attention ops kernels/ascend.py calls, with the documented argument constraints checked loudly:
+the attention ops glm_kernels/ascend.py calls, with the documented argument constraints checked loudly:
   npu_fused_infer_attention_score  Ascend/op-plugin docs/context/torch_npu-npu_fused_infer_attention_score.md
                                    (only the paged BSND form, GQA and MLA with query_rope/key_rope)
   _npu_paged_attention             as called by vllm-ascend / sglang (ATB PagedAttention, decode)

@@ -1,6 +1,6 @@
 """Paged attention in Triton for the native engine on CUDA (and on CPU through TRITON_INTERPRET=1, in tests).
 
-Same contract as kernels.reference.paged_attention: the new tokens' K/V are already written; each request's
+Same contract as glm_kernels.reference.paged_attention: the new tokens' K/V are already written; each request's
 new tokens sit at flattened rows [first, first + q_len) and attend causally to their request's context.
 
 Layouts (last dim contiguous; the other strides are free):
@@ -11,7 +11,7 @@ Layouts (last dim contiguous; the other strides are free):
 GQA: query head h reads kv head h // (heads // kv_heads). Block tables map logical block i of a request to a
 physical block; any block_size works (each key's page is looked up on its own).
 
-Per AttnGroup of the metadata (kernels.reference.build_metadata):
+Per AttnGroup of the metadata (glm_kernels.reference.build_metadata):
   - decode (q_len == 1): split-KV flash decoding. One program per (request, kv head, split) computes all
     query heads of the GQA group (padded to 16 rows for tl.dot) against its share of the context, so every
     K/V byte is read once; splits > 1 write fp32 partials (output, log2-sum-exp) that a second kernel
@@ -22,7 +22,7 @@ Per AttnGroup of the metadata (kernels.reference.build_metadata):
 Precision: fp16/bf16/fp32 inputs. QK^T and PV take the input dtype (tensor cores on the GPU) and accumulate
 in fp32; softmax statistics and the output accumulator are fp32; P is rounded to the input dtype before PV,
 as flash attention does. fp32 inputs use IEEE fp32 dots (no TF32).
-MLA over the latent cache (GLM-4.7-Flash, GLM-5 with DSA top-k) lives in kernels/triton_mla.py and shares
+MLA over the latent cache (GLM-4.7-Flash, GLM-5 with DSA top-k) lives in glm_kernels/triton_mla.py and shares
 this module's helpers (group views, split combine).
 Interpreter caveat (triton 3.9): the interpreter computes bf16 dots and bf16 arithmetic on raw bits, so under
 TRITON_INTERPRET=1 bf16 operands are upcast to fp32 before the dots. fp16 and fp32 run the GPU's code path.
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import AttentionMetadata, AttnGroup
+from glm_kernels.reference import AttentionMetadata, AttnGroup
 
 # Whether this module's kernels were decorated for the interpreter (decided at import, as triton.jit does).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -360,7 +360,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Drop-in for kernels.reference.paged_attention. Returns [T, heads, v_dim] in q's dtype."""
+    """Drop-in for glm_kernels.reference.paged_attention. Returns [T, heads, v_dim] in q's dtype."""
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     for view in group_views(meta):
         if view.max_q == 1:

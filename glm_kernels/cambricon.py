@@ -5,7 +5,7 @@ vllm_mlu/_mlu_ops.py and vllm_mlu/attention/backends/flash_attn.py; DeepLink-org
 dlinfer/vendor/camb/camb_ops.py):
 
 KV cache layout: TMO's paged caches are HEAD-MAJOR, [num_blocks, kv_heads, block_size, head_dim] (vllm-mlu's
-    get_kv_cache_shape is (2, num_blocks, num_kv_heads, block_size, head_size)), not kernels/reference.py's
+    get_kv_cache_shape is (2, num_blocks, num_kv_heads, block_size, head_size)), not glm_kernels/reference.py's
     [num_blocks, block_size, kv_heads, dim]. An MLU runner allocates that layout (the registry entry says so)
     and writes new tokens with tmo.reshape_paged_cache(k, v, k_cache, v_cache, slot_mapping int32).
     The latent MLA cache has one "head", so [num_blocks, block_size, rank + rope] is the same memory as
@@ -34,7 +34,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.reference import AttentionMetadata, AttnGroup
+from glm_kernels.reference import AttentionMetadata, AttnGroup
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """kernels.reference.paged_attention's semantics on an MLU, over head-major caches. [T, heads, v_dim]."""
+    """glm_kernels.reference.paged_attention's semantics on an MLU, over head-major caches. [T, heads, v_dim]."""
     tmo = _tmo()
     v_dim = v_cache.shape[-1]
     out = q.new_empty(q.shape[0], q.shape[1], v_dim)
@@ -97,9 +97,9 @@ def mla_paged_attention(
     scale: float,
     topk_indices: torch.Tensor | None = None,  # [T, k] key positions, -1 = padding
 ) -> torch.Tensor:
-    """kernels.triton_mla's semantics on an MLU. Returns [T, heads, kv_lora_rank]."""
+    """glm_kernels.triton_mla's semantics on an MLU. Returns [T, heads, kv_lora_rank]."""
     if topk_indices is not None:
-        from kernels.dsa_topk import reference_mla_attention
+        from glm_kernels.dsa_topk import reference_mla_attention
 
         if "sparse" not in _warned:
             _warned.add("sparse")

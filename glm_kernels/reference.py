@@ -35,7 +35,7 @@ class AttnGroup:
 
 @dataclass(slots=True)
 class StepRows:
-    """The step per request, for kernels that walk block tables themselves (kernels/cpu_paged.py)."""
+    """The step per request, for kernels that walk block tables themselves (glm_kernels/cpu_paged.py)."""
 
     decode_tokens: torch.Tensor  # [S] rows of the flattened tokens that are decode tokens (q_len 1)
     decode_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0

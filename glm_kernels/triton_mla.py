@@ -1,6 +1,6 @@
 """Multi-head latent attention (MLA) in Triton over the latent paged cache, dense causal or DSA top-k sparse.
 
-Semantics (the same as kernels.mla_reference.mla_paged_attention, with the DSA selection given as indices):
+Semantics (the same as glm_kernels.mla_reference.mla_paged_attention, with the DSA selection given as indices):
     latent_cache   [num_blocks, block_size, kv_lora_rank + rope_dim]   row = [c (normalized KV latent) | k_pe]
     q_nope         [T, heads, kv_lora_rank]   q_nope already absorbed into the latent space (q_nope @ W_uk)
     q_pe           [T, heads, rope_dim]       roped query part
@@ -18,7 +18,7 @@ head), so one program loads a tile of latent rows once for BLOCK_H query heads o
 streaming its own causal prefix (latent-space prefill is bandwidth-bound per token; long prompts are better
 served by the expanded form, kv_b_proj applied and run through the GQA prefill kernel). Sparse rows read only
 their k selected rows (a gather through the block table), never the whole context. Splits > 1 write fp32
-partials combined by kernels.triton_paged.combine_splits_kernel. Precision as in kernels/triton_paged.py.
+partials combined by glm_kernels.triton_paged.combine_splits_kernel. Precision as in glm_kernels/triton_paged.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import AttentionMetadata
-from kernels.triton_paged import (
+from glm_kernels.reference import AttentionMetadata
+from glm_kernels.triton_paged import (
     LOG2E,
     GroupView,
     _online_update,

@@ -4,7 +4,7 @@ Entries name their functions as "module:function" strings and are imported only 
 reading or listing the registry never imports triton, torch_npu or torch_mlu, and the availability check
 (find_spec on the vendor modules, the device type, the block size) never starts a device.
 
-Every entry offers the same two calls (see kernels/reference.py and kernels/mla_reference.py for semantics):
+Every entry offers the same two calls (see glm_kernels/reference.py and glm_kernels/mla_reference.py for semantics):
     paged_attention(q [T, heads, dim], k_cache, v_cache, meta, scale) -> [T, heads, v_dim]
     mla_attention(q_nope [T, heads, rank], q_pe [T, heads, rope], latent_cache, meta, scale,
                   topk_indices [T, k] | None) -> [T, heads, rank]
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from backends.devices.base import module_present
 from server.config import ConfigError
 
-KV_BLOCK_MAJOR = "[num_blocks, block_size, kv_heads, dim]"  # kernels/reference.py's layout
+KV_BLOCK_MAJOR = "[num_blocks, block_size, kv_heads, dim]"  # glm_kernels/reference.py's layout
 KV_HEAD_MAJOR = "[num_blocks, kv_heads, block_size, dim]"  # torch_mlu_ops' layout
 MLA_JOINT = "one [num_blocks, block_size, kv_lora_rank + rope_dim] tensor"
 MLA_SPLIT = "a (c_kv [num_blocks, block_size, kv_lora_rank], k_pe [num_blocks, block_size, rope_dim]) pair"
@@ -49,32 +49,32 @@ class KernelSpec:
 
 ATTENTION_KERNELS: dict[str, KernelSpec] = {
     "reference": KernelSpec(
-        "kernels.reference:paged_attention",
-        "kernels.dsa_topk:reference_mla_attention",
+        "glm_kernels.reference:paged_attention",
+        "glm_kernels.dsa_topk:reference_mla_attention",
         devices=("cpu", "cuda", "npu", "mlu"),
         description="plain torch (gather + SDPA); the correctness oracle and the CPU kernel",
     ),
     "cpu": KernelSpec(
-        "kernels.cpu_paged:paged_attention",
-        "kernels.dsa_topk:reference_mla_attention",
+        "glm_kernels.cpu_paged:paged_attention",
+        "glm_kernels.dsa_topk:reference_mla_attention",
         devices=("cpu",),
         requires=("ninja",),
         tools=("$CXX",),
-        setup="kernels.cpu_paged:load",
+        setup="glm_kernels.cpu_paged:load",
         description="C++ decode kernel reading KV blocks in place (built once per machine), per-request SDPA "
         "for prefill chunks; MLA as the reference",
     ),
     "triton": KernelSpec(
-        "kernels.triton_paged:paged_attention",
-        "kernels.triton_mla:mla_paged_attention",
+        "glm_kernels.triton_paged:paged_attention",
+        "glm_kernels.triton_mla:mla_paged_attention",
         devices=("cuda",),
         requires=("triton",),
         interpreter_on_cpu=True,
         description="Triton paged decode (split-KV) and prefill kernels, MLA with DSA top-k",
     ),
     "ascend": KernelSpec(
-        "kernels.ascend:paged_attention",
-        "kernels.ascend:mla_paged_attention",
+        "glm_kernels.ascend:paged_attention",
+        "glm_kernels.ascend:mla_paged_attention",
         devices=("npu",),
         requires=("torch_npu",),
         mla_cache=MLA_SPLIT,
@@ -82,8 +82,8 @@ ATTENTION_KERNELS: dict[str, KernelSpec] = {
         description="torch_npu fused inference attention (FIA, ATB paged attention, sparse FA)",
     ),
     "cambricon": KernelSpec(
-        "kernels.cambricon:paged_attention",
-        "kernels.cambricon:mla_paged_attention",
+        "glm_kernels.cambricon:paged_attention",
+        "glm_kernels.cambricon:mla_paged_attention",
         devices=("mlu",),
         requires=("torch_mlu", "torch_mlu_ops"),
         kv_layout=KV_HEAD_MAJOR,

@@ -1,11 +1,11 @@
 """The CPU attention kernel: decode tokens through a C++ kernel that reads K/V blocks where they lie in the
-paged cache (kernels/csrc/cpu_paged_attention.cpp), prefill chunks through one causal SDPA call per
+paged cache (glm_kernels/csrc/cpu_paged_attention.cpp), prefill chunks through one causal SDPA call per
 request without padding.
 
-Why: kernels/reference.py gathers every request's blocks into a padded tensor per layer and group, and pads
+Why: glm_kernels/reference.py gathers every request's blocks into a padded tensor per layer and group, and pads
 a step's prefill chunks to the longest one with an explicit mask (which SDPA's CPU flash kernel cannot skip).
 Measured on a 2-core EPYC, SmolLM2 fp32, a decode step of 64 sequences with 200-700 cached tokens: the
-gather plus SDPA took two thirds of the step. Same semantics as paged_attention in kernels/reference.py.
+gather plus SDPA took two thirds of the step. Same semantics as paged_attention in glm_kernels/reference.py.
 
 The C++ source is compiled once per machine and torch version with torch.utils.cpp_extension (needs a C++
 compiler and the `ninja` package) into GLM_SERVE_CACHE_DIR/kernels; later loads take a fraction of a second.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.reference import AttentionMetadata
+from glm_kernels import reference
+from glm_kernels.reference import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """kernels/reference.py's paged_attention, computed without gathering decode tokens' context."""
+    """glm_kernels/reference.py's paged_attention, computed without gathering decode tokens' context."""
     if k_cache.dtype != q.dtype:  # a KV-cache dtype other than the compute dtype: the C++ kernel has one
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])

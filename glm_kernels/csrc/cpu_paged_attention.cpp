@@ -1,7 +1,7 @@
 // Paged attention of decode tokens on CPU, reading K/V blocks where they lie in the cache.
 //
 // One query token per sequence attends to its seq_len cached tokens. The cache layout is
-// kernels/reference.py's: [num_blocks, block_size, kv_heads, head_dim]; a sequence's token t sits in block
+// glm_kernels/reference.py's: [num_blocks, block_size, kv_heads, head_dim]; a sequence's token t sits in block
 // block_tables[s][t / block_size] at offset t % block_size. GQA: the `heads / kv_heads` query heads of one
 // KV head are processed together, so each K and V row is read from memory once for all of them.
 //
@@ -9,7 +9,7 @@
 // order, for all heads, with the next block prefetched (blocks lie anywhere in the cache). Per sequence, two
 // passes over the context: scores q.k for every token and head (K read once), a numerically stable softmax
 // in fp32, then the weighted sum of V rows (V read once). Inputs may be fp32, bf16 or fp16; arithmetic is fp32 in ATen's
-// Vectorized<float> (AVX-512 / AVX2 as the build flags in kernels/cpu_paged.py select).
+// Vectorized<float> (AVX-512 / AVX2 as the build flags in glm_kernels/cpu_paged.py select).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

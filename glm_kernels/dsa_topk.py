@@ -1,6 +1,6 @@
 """GLM-5's DSA selection in its two forms, and the reference MLA behind the kernels' common signature.
 
-kernels.mla_reference describes the keys each query attends to as per-group masks ([S, 1, max_q, max_kv]
+glm_kernels.mla_reference describes the keys each query attends to as per-group masks ([S, 1, max_q, max_kv]
 bool, AttentionMetadata's groups); the fused kernels (Triton, torch_npu's sparse flash attention) take per-token
 index lists: topk_indices [T, k] of key positions within the token's request, -1 = padding (anywhere in a
 row). Both are causal: an index past the query's own position is never attended. Plain torch, no vendor
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import mla_reference
-from kernels.reference import AttentionMetadata
+from glm_kernels import mla_reference
+from glm_kernels.reference import AttentionMetadata
 
 
 def selection_to_topk(selection: list[torch.Tensor], meta: AttentionMetadata, k: int) -> torch.Tensor:
@@ -46,6 +46,6 @@ def reference_mla_attention(
     scale: float,
     topk_indices: torch.Tensor | None = None,  # [T, k], -1 = padding
 ) -> torch.Tensor:
-    """kernels.mla_reference.mla_paged_attention with the selection given as index lists."""
+    """glm_kernels.mla_reference.mla_paged_attention with the selection given as index lists."""
     selection = topk_to_selection(topk_indices, meta) if topk_indices is not None else None
     return mla_reference.mla_paged_attention(q_nope, q_pe, latent_cache, meta, scale, selection)

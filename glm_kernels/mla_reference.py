@@ -9,14 +9,14 @@ DSA: a light indexer scores every cached key for each query; each query attends 
 best keys among those it may see (all of them while its context is shorter than index_topk). The selection
 is a per-group boolean mask that replaces the causal mask; layers marked "shared" reuse it.
 
-Batches are split into the same decode / prefill groups as kernels.reference (AttentionMetadata)."""
+Batches are split into the same decode / prefill groups as glm_kernels.reference (AttentionMetadata)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import AttentionMetadata, AttnGroup, gather_kv
+from glm_kernels.reference import AttentionMetadata, AttnGroup, gather_kv
 
 
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -44,7 +44,7 @@ from types import ModuleType
 
 import torch
 
-from kernels.reference import AttentionMetadata, AttnGroup
+from glm_kernels.reference import AttentionMetadata, AttnGroup
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Drop-in for kernels.reference.paged_attention on an NPU. Returns [T, heads, v_dim]."""
+    """Drop-in for glm_kernels.reference.paged_attention on an NPU. Returns [T, heads, v_dim]."""
     npu = _torch_npu()
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
     for group, host in zip(meta.groups, host_groups(meta), strict=True):
@@ -194,7 +194,7 @@ def mla_paged_attention(
     scale: float,
     topk_indices: torch.Tensor | None = None,  # [T, k] key positions, -1 = padding
 ) -> torch.Tensor:
-    """kernels.triton_mla's semantics on an NPU. Returns [T, heads, kv_lora_rank]."""
+    """glm_kernels.triton_mla's semantics on an NPU. Returns [T, heads, kv_lora_rank]."""
     npu = _torch_npu()
     rank = q_nope.shape[-1]
     c_kv, k_pe = split_latent(latent_cache, rank)
@@ -265,7 +265,7 @@ def _sparse_op(npu):
 def _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta, scale, topk_indices) -> torch.Tensor:
     op = _sparse_op(npu)
     if op is None:
-        from kernels.dsa_topk import reference_mla_attention
+        from glm_kernels.dsa_topk import reference_mla_attention
 
         _warn_once("sparse", "npu_sparse_flash_attention not found: DSA top-k runs on the torch reference")
         return reference_mla_attention(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), meta, scale, topk_indices)

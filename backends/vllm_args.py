@@ -98,6 +98,10 @@ def engine_args(
         # GLM_SERVE_VLLM_EAGER=1 skips torch.compile: minutes less start-up, for tests and smoke runs.
         "enforce_eager": os.environ.get("GLM_SERVE_VLLM_EAGER", "0") == "1",
         "generation_config": e.generation_config,  # auto | vllm | a directory, as vLLM takes it
+        # The native engine's grammar library (llguidance): the same grammars compile the same way on both
+        # engines, JSON layout included (server/structured_output.py laid_out_schema); vLLM's "auto" would
+        # send JSON schemas to xgrammar, which ignores that layout.
+        "structured_outputs_config": {"backend": "guidance"},
     }
     if reasoning_parser:
         args["reasoning_parser"] = reasoning_parser

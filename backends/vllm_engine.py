@@ -25,7 +25,7 @@ from server.engine_api import (
     TopLogprob,
 )
 from server.scheduler.request import SamplingParams
-from server.structured_output import StructuredOutput, reasoning_prefixed_lark
+from server.structured_output import StructuredOutput, laid_out_schema, reasoning_prefixed_lark
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ class VllmEngine:
         kwargs = engine_args(
             cfg, self._passthrough, str(model_dir), [self.model_name, *self._aliases], self._reasoning_parser
         )
+        if isinstance(kwargs.get("structured_outputs_config"), dict):  # vLLM's parser makes the dataclass
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                **kwargs["structured_outputs_config"]
+            )
         args = AsyncEngineArgs(**kwargs)
         self.speculative = bool(kwargs.get("speculative_config"))
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._stats)])
@@ -258,9 +264,9 @@ def to_vllm_structured_outputs(constraint: StructuredOutput | None, tokenizer: A
     prefixed = reasoning_prefixed_lark(constraint, think_close_is_token=constraint.starts_after in added)
     if prefixed is not None:
         return StructuredOutputsParams(grammar=prefixed)
-    if constraint.kind == "json_object":
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
-    return StructuredOutputsParams(**{constraint.kind: constraint.value}, disable_any_whitespace=True)
+    if constraint.kind in ("json", "json_object"):  # closed and laid out as the native engine compiles it
+        return StructuredOutputsParams(json=laid_out_schema(constraint))
+    return StructuredOutputsParams(**{constraint.kind: constraint.value})
 
 
 def _logprobs(entries, token_ids, k: int) -> list[TokenLogprob] | None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from server.errors import bad_request
 
 # JSON is written as json.dumps writes it ({"a": 1, "b": [1, 2]}): no free whitespace, in which small
-# models loop until max_tokens (vLLM's disable_any_whitespace; the vLLM backend sets it).
+# models loop until max_tokens (vLLM's disable_any_whitespace).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
@@ -59,15 +59,20 @@ def closed_schema(schema: Any) -> Any:
     return closed
 
 
+def laid_out_schema(constraint: StructuredOutput) -> dict[str, Any]:
+    """The JSON schema a json or json_object constraint compiles: closed, with the JSON layout for
+    llguidance (x-guidance), so both engines write the same JSON."""
+    schema = closed_schema(constraint.value) if constraint.kind == "json" else {"type": "object"}
+    return {**schema, "x-guidance": JSON_LAYOUT}
+
+
 def llguidance_grammar(constraint: StructuredOutput) -> str:
     """The constraint as an llguidance grammar (what LLMatcher compiles)."""
     import llguidance
 
     kind, value = constraint.kind, constraint.value
-    if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(closed_schema(value), overrides=JSON_LAYOUT)
-    if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_LAYOUT)
+    if kind in ("json", "json_object"):
+        return llguidance.LLMatcher.grammar_from_json_schema(laid_out_schema(constraint))
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":
@@ -178,10 +183,8 @@ def reasoning_prefixed_lark(constraint: StructuredOutput, think_close_is_token: 
     if constraint.starts_after is None:
         return None
     kind, value = constraint.kind, constraint.value
-    if kind == "json":
-        body = "%json " + json.dumps({**closed_schema(value), "x-guidance": JSON_LAYOUT})
-    elif kind == "json_object":
-        body = "%json " + json.dumps({"type": "object", "x-guidance": JSON_LAYOUT})
+    if kind in ("json", "json_object"):
+        body = "%json " + json.dumps(laid_out_schema(constraint))
     elif kind == "regex":
         body = "/" + value.replace("/", "\\/") + "/"
     elif kind == "choice":

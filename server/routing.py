@@ -11,7 +11,7 @@ What may not leave the host (sovereign keys, X-Overflow: never) is served by the
 mirrored to an upstream.
 
 The serving side is server/routing_service.py; the comparison rows and the persisted weights are in
-server/routing_store.py."""
+server/routing_store.py (tables of the state database at usage.path)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,6 @@ class GuardConfig:
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     enabled: bool = False
-    path: str = "routing.sqlite"  # the routing store; relative: under the state directory (beside the ledger)
     salt: str = "glm-serve"  # of the sticky assignment; changing it reshuffles the keys
     store_text: bool = False  # comparison rows keep prompts and outputs
     shadow_max_in_flight: int = 16  # more shadow calls than this at once are dropped (and counted)

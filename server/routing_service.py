@@ -39,9 +39,10 @@ from server.routing import (
 )
 from server.routing_asgi import Capture, read_all, replay
 from server.routing_compare import Outcome
-from server.routing_store import RoutingStore, store_path
+from server.routing_store import RoutingStore
 from server.routing_targets import Target, build_targets, call_upstream, pass_through, upstream_body
 from server.routing_track import CLIENT_FAULTS, NOT_CLIENT_FAULTS, comparison_row, guard_sample
+from server.usage import parse_usage_config
 
 log = logging.getLogger("glm_serve.routing")
 ROUTED_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
@@ -103,7 +104,8 @@ class RoutingService:
         if not cfg.enabled:
             return None
         targets = build_targets(cfg, serving.overflow)
-        return cls(cfg, RoutingStore(store_path(cfg.path)), registry, targets, serving)
+        store = RoutingStore(parse_usage_config(config.extra.get("usage")).resolved_path())
+        return cls(cfg, store, registry, targets, serving)
 
     # -- the plan -------------------------------------------------------------------------------------
     def plan(self, scope: Scope, body: Any) -> Plan | None:

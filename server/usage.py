@@ -32,7 +32,7 @@ from fastapi import Depends, Request
 
 from server.config import ANONYMOUS_KEY, Config, ConfigError
 from server.logs import request_id_of
-from server.usage_schema import SchemaTooNew, migrate
+from server.usage_schema import open_state_db
 
 log = logging.getLogger("glm_serve.usage")
 METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
@@ -175,27 +175,13 @@ INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 _STOP = object()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
-
-
 class UsageLedger:
     """SQLite writer off the request path: submit() queues a row; one thread commits batches."""
 
     def __init__(self, path: Path, batch_size: int = 64) -> None:
         self.path = path
         self.batch_size = batch_size
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = connect(path)
-            migrate(self._db, path)
-        except SchemaTooNew as exc:
-            raise ConfigError(f"usage ledger: {exc}") from None
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"usage ledger {path}: {exc}") from None
+        self._db = open_state_db(path, "usage ledger")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -207,7 +193,7 @@ class UsageLedger:
 
     def submit(self, row: UsageRow) -> None:
         if self._closed:  # a straggler after shutdown: written at once, not lost
-            with closing(connect(self.path)) as db, db:
+            with closing(open_state_db(self.path, "usage ledger")) as db, db:
                 db.execute(INSERT, _values(row))
             return
         self._queue.put(row)

@@ -13,8 +13,11 @@ from server.config import ApiKey, ConfigError, api_key_id
 from server.errors import APIError
 from server.routing import GuardConfig, GuardWindow, Mode, Sample, bucket, parse_routing_config
 from server.routing_compare import Outcome, ToolCall, json_valid, read_outcome, rouge_l, tool_calls_agree
+from server.routing_report import build_report
 from server.routing_service import RoutingService
-from server.routing_store import SCHEMA_VERSION, ComparisonRow, RoutingStore
+from server.routing_store import ROUTING_TABLES_SINCE, ComparisonRow, RoutingStore
+from server.usage import UsageConfig, UsageLedger
+from server.usage_schema import MIGRATIONS, SCHEMA_VERSION, schema_version
 
 TARGET = {"base_url": "http://127.0.0.1:9/v1"}
 
@@ -126,7 +129,7 @@ def _service(tmp_path, **route: object) -> RoutingService:
 
     serving = SimpleNamespace(draining=False, ready=True, served_model_name="glm-5", overflow=None)
     targets = {"local": Target("local"), "cloud": Target("cloud", client=object(), breaker=None)}
-    return RoutingService(cfg, RoutingStore(tmp_path / "r.sqlite"), CollectorRegistry(), targets, serving)
+    return RoutingService(cfg, RoutingStore(tmp_path / "usage.sqlite"), CollectorRegistry(), targets, serving)
 
 
 def _scope(key: ApiKey, **headers: str) -> dict:
@@ -155,8 +158,9 @@ def test_plan_keeps_sovereign_requests_home_and_checks_x_route(tmp_path):
     assert service.plan(_scope(user), {"model": "other"}) is None
 
 
-def test_store_migrates_once_and_refuses_a_newer_file(tmp_path):
-    path = tmp_path / "r.sqlite"
+def test_store_shares_the_ledgers_schema_and_refuses_a_newer_file(tmp_path):
+    path = tmp_path / "usage.sqlite"
+    UsageLedger(path).close()  # the ledger and the routing store open one file, in either order
     store = RoutingStore(path)
     store.add_comparison(
         ComparisonRow(1.0, "shadow", "m", "/v1/chat/completions", "id", "k", "a", "b", "primary")
@@ -167,9 +171,29 @@ def test_store_migrates_once_and_refuses_a_newer_file(tmp_path):
     assert store.weights() == {"m": 40.0}
     store.close()
     with sqlite3.connect(path) as db:
+        assert schema_version(db) == SCHEMA_VERSION
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(ConfigError, match="newer"):
+    with pytest.raises(ConfigError, match="routing store: .* newer than"):
         RoutingStore(path)
+
+
+def test_a_ledger_of_schema_version_2_gains_the_routing_tables_with_its_rows_intact(tmp_path):
+    path = tmp_path / "usage.sqlite"
+    with sqlite3.connect(path) as db:  # what the release before routing wrote: migrations 1 and 2
+        for migration in MIGRATIONS[:2]:
+            for statement in migration.statements:
+                db.execute(statement)
+        db.execute("INSERT INTO usage (request_id, api) VALUES ('chatcmpl-old', 'chat')")
+        db.execute("PRAGMA user_version = 2")
+    with pytest.raises(ValueError, match="schema version 2.* no routing tables"):
+        build_report(path, UsageConfig())
+    store = RoutingStore(path)
+    store.set_weight("m", 10, "admin")
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert schema_version(db) == SCHEMA_VERSION >= ROUTING_TABLES_SINCE
+        assert db.execute("SELECT request_id, api FROM usage").fetchall() == [("chatcmpl-old", "chat")]
+    assert build_report(path, UsageConfig())["pairs"] == []
 
 
 def test_the_overflow_upstream_is_a_target_sharing_its_breaker(monkeypatch):

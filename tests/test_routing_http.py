@@ -126,7 +126,6 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
             cfg.extra["usage"] = {"path": str(tmp_path / "usage.sqlite")}
             cfg.extra["routing"] = {
                 "enabled": True,
-                "path": str(tmp_path / "routing.sqlite"),
                 "shadow_max_in_flight": max_in_flight,
                 "targets": {
                     "a": target(f"{upstreams['a'].url}/v1"),
@@ -138,7 +137,7 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
             }
         handle = start_server(loop_thread, create_app(cfg, Dial(engine), manage_engine=False))
         started.append(handle)
-        return Front(handle, tmp_path / "routing.sqlite", cfg, tmp_path / "usage.sqlite")
+        return Front(handle, tmp_path / "usage.sqlite", cfg, tmp_path / "usage.sqlite")
 
     yield make
     for handle in started:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from server.config import ApiKey, ConfigError
+from server.config_schema import build_section
 from server.engine_api import Load
 from server.errors import APIError, bad_request, unavailable
 
@@ -77,25 +78,9 @@ class OverflowConfig:
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
-_NESTED = {"triggers": Triggers, "upstream": UpstreamConfig, "circuit_breaker": BreakerConfig}
-
-
-def _section(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
-    built = {k: _section(_NESTED[k], v, f"{where}.{k}") if k in _NESTED else v for k, v in values.items()}
-    return cls(**built)
-
-
 def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
     """The `overflow:` section of a profile, checked. Absent: overflow off."""
-    cfg: OverflowConfig = _section(OverflowConfig, section, "overflow")
+    cfg: OverflowConfig = build_section(OverflowConfig, section, "overflow")
     if not isinstance(cfg.models, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.models.items()
     ):

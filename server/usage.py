@@ -24,13 +24,14 @@ import sqlite3
 import threading
 import time
 from contextlib import closing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, Request
 
 from server.config import ANONYMOUS_KEY, Config, ConfigError
+from server.config_schema import build_section
 from server.logs import request_id_of
 from server.usage_schema import open_state_db
 
@@ -129,17 +130,12 @@ def _parse_prices(section: Any) -> dict[str, dict[str, Price]]:
 
 def parse_usage_config(section: dict[str, Any] | None) -> UsageConfig:
     """The `usage:` section of a profile, checked; prices merge over DEFAULT_PRICES."""
-    values = dict(section or {})
-    if not isinstance(section or {}, dict):
-        raise ConfigError("usage must be a mapping")
-    _check_keys(values, {f.name for f in fields(UsageConfig)}, "usage")
-    values["prices"] = _parse_prices(values.get("prices"))
-    cfg = UsageConfig(**values)
+    values = dict(section) if isinstance(section, dict) else section
+    prices = _parse_prices(values.pop("prices", None) if isinstance(values, dict) else None)
+    cfg: UsageConfig = replace(build_section(UsageConfig, values, "usage"), prices=prices)
     if cfg.batch_size < 1:
         raise ConfigError("usage.batch_size must be >= 1")
-    if cfg.gpu_hour_usd is not None and (
-        not isinstance(cfg.gpu_hour_usd, int | float) or cfg.gpu_hour_usd < 0
-    ):
+    if cfg.gpu_hour_usd is not None and cfg.gpu_hour_usd < 0:
         raise ConfigError("usage.gpu_hour_usd must be a number >= 0 (or null)")
     return cfg
 

@@ -39,7 +39,12 @@ def test_config_parses_and_names_what_is_wrong():
     bad = [
         ({**section(), "colour": 1}, "routing.colour"),
         (section(candidate="nowhere"), "unknown target 'nowhere'"),
-        (section(mode="blue"), "mode must be off, shadow or canary"),
+        (section(mode="blue"), "routing.models.glm-5.mode.*'off', 'shadow' or 'canary'"),
+        (
+            {**section(), "targets": {"cloud": {"base_urll": "http://x"}}},
+            "did you mean 'routing.targets.cloud.base_url'",
+        ),
+        ({**section(), "targets": {"cloud": {}}}, "routing.targets.cloud.base_url' is required"),
         (section(weight=120), "0 to 100"),
         (section(candidate=None), "needs a candidate"),
         ({**section(), "targets": {"local": TARGET}}, "reserved"),
@@ -246,3 +251,24 @@ def test_a_candidate_with_an_open_breaker_takes_no_canary_traffic(tmp_path):
     service.targets["cloud"].breaker.record_failure()
     plan = service.plan(_scope(ApiKey("u1")), {"model": "glm-5"})
     assert (plan.served.name, plan.role, plan.fallback) == ("local", "primary", None)
+
+
+def test_a_profile_routing_section_loads_and_its_errors_name_the_key_and_source(tmp_path):
+    from server.config import load_config
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "routing:\n  enabled: true\n  targets: {cloud: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "  models: {glm-5: {primary: local, candidate: cloud, mode: shadow, weight: 10}}\n"
+        "agent_apis:\n  responses_store: false\n"
+    )
+    environ = {"GLM_SERVE_ROUTING__MODELS": "{glm-5: {primary: local, candidate: cloud, mode: canary}}"}
+    cfg = load_config(profile, {"routing.salt": "s"}, environ=environ)
+    routing = parse_routing_config(cfg.extra["routing"])
+    assert routing.salt == "s" and routing.models["glm-5"].mode is Mode.CANARY  # the environment wins
+    assert cfg.extra["agent_apis"] == {"responses_store": False}
+    profile.write_text("routing:\n  models: {glm-5: {primary: local, wieght: 5}}\n")
+    with pytest.raises(
+        ConfigError, match=f"'routing.models.glm-5.wieght' \\(profile {profile}\\); did you mean"
+    ):
+        load_config(profile)

@@ -3,6 +3,7 @@ plan (who serves, who shadows) and the store's migrations. tests/test_routing_ht
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from types import SimpleNamespace
@@ -12,7 +13,8 @@ import pytest
 from server.config import ApiKey, ConfigError, api_key_id
 from server.errors import APIError
 from server.routing import GuardConfig, GuardWindow, Mode, Sample, bucket, parse_routing_config
-from server.routing_compare import Outcome, ToolCall, json_valid, read_outcome, rouge_l, tool_calls_agree
+from server.routing_compare import Outcome, ToolCall, json_valid, rouge_l, tool_calls_agree
+from server.routing_read import read_outcome
 from server.routing_report import build_report
 from server.routing_service import RoutingService
 from server.routing_store import ROUTING_TABLES_SINCE, ComparisonRow, RoutingStore
@@ -126,20 +128,65 @@ def test_outcomes_read_from_sse_and_json():
     assert not read_outcome("t", 500, b"{}", 1.0, None).ok
 
 
+def _agent_answers(api: str) -> tuple[bytes, bytes]:
+    """One answer (text, then a tool call) of `api` as this server writes it: (JSON body, SSE stream)."""
+    from server.protocol import AssistantMessage, DeltaToolCall
+    from server.routes.anthropic_events import AnthropicEncoder
+    from server.routes.api_encoder import Outcome as Ended
+    from server.routes.chat_output import MessageDelta
+    from server.routes.responses_events import ResponsesEncoder
+
+    def encoder():
+        return (
+            AnthropicEncoder("msg_1", "claude-x")
+            if api == "messages"
+            else ResponsesEncoder("resp_1", {}, print)
+        )
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"city": "Oslo"}'}}
+    ended = Ended("tool_calls", None, prompt_tokens=7, completion_tokens=4)
+    message = AssistantMessage.model_validate(
+        {"role": "assistant", "content": "hi there", "tool_calls": [call]}
+    )
+    body = json.dumps(encoder().complete(message, ended)).encode()
+    stream = encoder()
+    chunks = [stream.start(7, 0), stream.delta(MessageDelta(content="hi there"))]
+    chunks.append(stream.delta(MessageDelta(tool_calls=[DeltaToolCall.model_validate({"index": 0, **call})])))
+    chunks.append(stream.finish(ended))
+    return body, b"".join(chunks)
+
+
+@pytest.mark.parametrize("api", ["messages", "responses"])
+def test_outcomes_of_agent_apis_read_in_chat_terms(api):
+    for raw in _agent_answers(api):
+        out = read_outcome("t", 200, raw, 1.0, 0.1, api)
+        assert out.ok, out.error
+        assert (out.text, out.finish_reason, out.prompt_tokens, out.output_tokens) == (
+            "hi there",
+            "tool_calls",
+            7,
+            4,
+        )
+        assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [("get", {"city": "Oslo"})]
+    cut = read_outcome("t", 200, _agent_answers(api)[1][:-40], 1.0, 0.1, api)
+    assert not cut.ok and "ended before" in cut.error
+
+
 def _service(tmp_path, **route: object) -> RoutingService:
     cfg = parse_routing_config(section(**route))
     from prometheus_client import CollectorRegistry
 
     from server.routing_targets import Target
 
-    serving = SimpleNamespace(draining=False, ready=True, served_model_name="glm-5", overflow=None)
+    serving = SimpleNamespace(draining=False, ready=True, served_model_name="glm-5", overflow=None,
+                              config=SimpleNamespace(extra={}))  # fmt: skip
     targets = {"local": Target("local"), "cloud": Target("cloud", client=object(), breaker=None)}
     return RoutingService(cfg, RoutingStore(tmp_path / "usage.sqlite"), CollectorRegistry(), targets, serving)
 
 
-def _scope(key: ApiKey, **headers: str) -> dict:
+def _scope(key: ApiKey, path: str = "/v1/chat/completions", **headers: str) -> dict:
     raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-    return {"path": "/v1/chat/completions", "headers": raw, "state": {"api_key": key}}
+    return {"path": path, "headers": raw, "state": {"api_key": key}}
 
 
 def test_plan_keeps_sovereign_requests_home_and_checks_x_route(tmp_path):
@@ -161,6 +208,22 @@ def test_plan_keeps_sovereign_requests_home_and_checks_x_route(tmp_path):
     forced = service.plan(_scope(ApiKey("a", admin=True), **{"x-route": "candidate"}), {"model": "glm-5"})
     assert forced.served.name == "cloud" and forced.fallback.name == "local"
     assert service.plan(_scope(user), {"model": "other"}) is None
+
+
+def test_messages_and_responses_are_planned_by_their_resolved_model_in_chat_terms(tmp_path):
+    service = _service(tmp_path, mode="shadow", weight=100)
+    tool = {"name": "get", "input_schema": {"type": "object"}}
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    plan = service.plan(_scope(ApiKey("u1"), "/v1/messages"), {**message, "tools": [tool]})
+    assert (plan.model, plan.path, plan.shadow.name) == ("glm-5", "messages", "cloud")  # claude-* is an alias
+    assert plan.chat["tools"][0]["function"]["name"] == "get" and plan.chat["messages"][-1]["content"] == "hi"
+    assert service.plan(_scope(ApiKey("u1"), "/v1/messages"), {**message, "model": "gpt-4"}) is None  # a 404
+    assert service.plan(_scope(ApiKey("u1"), "/v1/messages"), {"model": "glm-5"}) is None  # a 400
+    text = {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}
+    plan = service.plan(
+        _scope(ApiKey("u1"), "/v1/responses"), {"model": "glm-5", "input": "hi", "text": text}
+    )
+    assert plan.path == "responses" and plan.chat["response_format"]["type"] == "json_schema"
 
 
 def test_store_shares_the_ledgers_schema_and_refuses_a_newer_file(tmp_path):
@@ -225,7 +288,7 @@ def test_rows_keep_text_only_when_asked():
     from server.routing_track import comparison_row
 
     plan = SimpleNamespace(
-        body={"messages": [{"role": "user", "content": "secret prompt"}]}, model="glm-5", path="chat/completions",
+        chat={"messages": [{"role": "user", "content": "secret prompt"}]}, model="glm-5", path="chat/completions",
         request_id="r1", key=ApiKey("k1"), route=RouteConfig("a", "b", Mode.SHADOW, 100), role="primary",
     )  # fmt: skip
     a, b = (

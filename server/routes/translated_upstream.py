@@ -6,7 +6,8 @@ first content) is kept as for a chat request, so the ledger row is the same."""
 from __future__ import annotations
 
 import json
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
@@ -16,6 +17,12 @@ from server.overflow_upstream import Tally, UpstreamError
 from server.protocol import AssistantMessage, DeltaToolCall
 from server.routes.api_encoder import ApiEncoder, EncoderFactory, Outcome
 from server.routes.chat_output import MessageDelta
+from server.routing_targets import Target, upstream_body, upstream_response
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from server.routes.translated_chat import TranslatedRequest
 
 
 class UpstreamTranslation:
@@ -42,6 +49,22 @@ class UpstreamTranslation:
         outcome = _outcome(choice.get("finish_reason"), tally)
         encoder = self.make_encoder(request_id)
         return JSONResponse(encoder.complete(message, outcome), headers={"X-Request-Id": request_id})
+
+
+async def serve_on_target(
+    target: Target, request: Request, translated: TranslatedRequest, chat: dict[str, Any], prompt_tokens: int
+) -> Response:
+    """A routed Messages or Responses request served by an upstream routing target as the chat completion
+    `chat`. A failure before the first byte raises UpstreamError: the routing layer falls back (canary)
+    or answers it, as for a chat request; nothing has been sent yet."""
+    access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
+    request_id = f"{translated.id_prefix}_{uuid.uuid4().hex}"
+    opened = await target.open(
+        "chat/completions", upstream_body(chat, target.upstream_model(translated.model))
+    )
+    translation = UpstreamTranslation(translated.make_encoder, request.url.path)
+    body = {**chat, "model": translated.model}
+    return await upstream_response(target, opened, body, access, request_id, translation, prompt_tokens)
 
 
 class TranslatingRewriter:

@@ -71,6 +71,9 @@ class OverflowConfig:
 
     enabled: bool = False  # off: nothing leaves this host
     base_url: str = HOLYSHEEP_BASE_URL  # the upstream's OpenAI-compatible API
+    # set: /v1/messages requests go as they are to {this}/v1/messages (the upstream's own Anthropic API,
+    # e.g. https://api.z.ai/api/anthropic); null: translated to chat completions at base_url
+    anthropic_base_url: str | None = None
     api_key_env: str = "HOLYSHEEP_API_KEY"  # the environment variable holding the upstream key
     models: dict[str, str] = field(default_factory=dict)  # local model id -> upstream model id
     triggers: Triggers = field(default_factory=Triggers)
@@ -101,8 +104,10 @@ def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
         raise ConfigError(
             "overflow.circuit_breaker.failures must be >= 1, cooldown_s and probe_timeout_s > 0"
         )
-    if not cfg.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"overflow.base_url must be an http(s) URL, not {cfg.base_url!r}")
+    for name in ("base_url", "anthropic_base_url"):
+        url = getattr(cfg, name)
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"overflow.{name} must be an http(s) URL, not {url!r}")
     return cfg
 
 

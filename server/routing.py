@@ -43,6 +43,7 @@ class TargetConfig:
     base_url: str
     api_key_env: str | None = None  # the environment variable holding its key; None: no Authorization
     model: str | None = None  # the upstream's model id; None: the id the client used
+    anthropic_base_url: str | None = None  # set: /v1/messages goes as it is to {this}/v1/messages
     connect_timeout_s: float = 2.0
     first_byte_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
@@ -100,8 +101,9 @@ def _check(cfg: RoutingConfig) -> None:
         if reserved in cfg.targets:
             raise ConfigError(f"routing.targets.{reserved}: the name is reserved (built-in target)")
     for name, target in cfg.targets.items():
-        if not target.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"routing.targets.{name}.base_url must be an http(s) URL")
+        for url in (target.base_url, target.anthropic_base_url or "http://"):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"routing.targets.{name}: {url!r} must be an http(s) URL")
         if min(target.connect_timeout_s, target.first_byte_timeout_s, target.idle_timeout_s) <= 0:
             raise ConfigError(f"routing.targets.{name}: timeouts must be > 0")
         if target.breaker_failures < 1 or target.breaker_cooldown_s <= 0:

@@ -10,14 +10,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from server.routes.anthropic_events import CHAT_FINISH as ANTHROPIC_FINISH
 from server.routing_compare import Outcome, ToolCall
-
-ANTHROPIC_FINISH = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "max_tokens": "length",
-    "tool_use": "tool_calls",
-}
 
 
 def read_outcome(

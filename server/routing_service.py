@@ -172,7 +172,7 @@ class RoutingService:
                 plan.served, plan.role, started = plan.fallback, "primary", time.monotonic()
                 failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
             if failure is not None:
-                await self._failed(plan, failure).response()(scope, receive, capture.send)
+                await self._failed(plan, failure).response(scope["path"])(scope, receive, capture.send)
         finally:
             plan.request_id = str(access.get("id") or "")
             outcome = capture.outcome(plan.served.name, time.monotonic() - started, access, plan.path)
@@ -363,8 +363,9 @@ class RoutingService:
         await asyncio.gather(*self.shadows, return_exceptions=True)
         await asyncio.gather(*self.writes, return_exceptions=True)
         for target in self.targets.values():
-            if target.client is not None:
-                await target.client.aclose()
+            for client in (target.client, target.messages_client):
+                if client is not None:
+                    await client.aclose()
         await asyncio.to_thread(self.store.close)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.responses import Response
 
+from server.anthropic_upstream import MESSAGES_PATH, anthropic_client
 from server.config import ConfigError
 from server.overflow import CircuitBreaker, UpstreamConfig
 from server.overflow_upstream import (
@@ -40,6 +41,7 @@ ROUTE_TARGET = (
 class Target:
     name: str
     client: UpstreamClient | None = None  # None: the local engine
+    messages_client: UpstreamClient | None = None  # its own /v1/messages (anthropic_base_url), if any
     breaker: CircuitBreaker | None = None
     models: dict[str, str] | None = None  # client model id -> upstream id; None: the same id
     default_model: str | None = None
@@ -61,8 +63,13 @@ class Target:
     async def open(self, path: str, body: dict[str, Any]) -> Opened:
         """The upstream's answer once its first byte is in; its breaker learns the verdict."""
         assert self.client is not None and self.breaker is not None
+        client = (
+            self.messages_client
+            if path == MESSAGES_PATH and self.messages_client is not None
+            else self.client
+        )
         try:
-            opened = await self.client.open(path, body)
+            opened = await client.open(path, body)
         except UpstreamError as exc:
             if exc.breaker:
                 self.breaker.record_failure()
@@ -86,6 +93,7 @@ def _upstream(name: str, cfg: TargetConfig) -> Target:
     return Target(
         name,
         UpstreamClient(cfg.base_url, api_key, upstream),
+        anthropic_client(cfg.anthropic_base_url, api_key, upstream) if cfg.anthropic_base_url else None,
         CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s),
         default_model=cfg.model,
         idle_timeout_s=cfg.idle_timeout_s,
@@ -102,9 +110,13 @@ def build_targets(cfg: RoutingConfig, overflow: Any) -> dict[str, Target]:
             raise ConfigError("routing names the 'overflow' target, but overflow is not enabled")
         policy = overflow.policy
         api_key = os.environ.get(policy.api_key_env, "")
+        upstream = replace(policy.upstream, retries=0)
         targets[OVERFLOW_TARGET] = Target(
             OVERFLOW_TARGET,
-            UpstreamClient(policy.base_url, api_key, replace(policy.upstream, retries=0)),
+            UpstreamClient(policy.base_url, api_key, upstream),
+            anthropic_client(policy.anthropic_base_url, api_key, upstream)
+            if policy.anthropic_base_url
+            else None,
             overflow.breaker,
             models=dict(policy.models),
             idle_timeout_s=policy.upstream.idle_timeout_s,

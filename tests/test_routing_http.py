@@ -34,7 +34,7 @@ UPSTREAM_KEY_ENV, UPSTREAM_KEY = "GLM_SERVE_TEST_ROUTING_KEY", "sk-routing-upstr
 USER, SOVEREIGN, ADMIN = "sk-user", "sk-sovereign", "sk-admin"
 CANARY_KEYS = [f"sk-canary-{i:02d}" for i in range(20)]
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-IDS = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
+IDS = re.compile(rb'"(id|item_id|created|created_at)":\s*("[^"]*"|\d+)')
 
 
 @dataclass
@@ -72,7 +72,7 @@ def served_requests(handle: ServerHandle) -> float:
     text = httpx.get(f"{handle.url}/metrics", timeout=30).text
     return sum(
         metric_value(text, "glm_serve:http_requests_total", route=route, status=status) or 0.0
-        for route in ("/v1/chat/completions", "/v1/completions")
+        for route in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
         for status in ("200", "500", "499")
     )
 
@@ -124,6 +124,7 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
                 admin_keys=[ADMIN],
             )
             cfg.extra["usage"] = {"path": str(tmp_path / "usage.sqlite")}
+            cfg.extra["agent_apis"] = {"responses_path": str(tmp_path / "responses.sqlite")}
             cfg.extra["routing"] = {
                 "enabled": True,
                 "shadow_max_in_flight": max_in_flight,
@@ -199,6 +200,45 @@ def test_shadow_keeps_the_primary_bytes_and_compares_every_request(front, upstre
     assert (report["pairs"][0]["primary"], report["pairs"][0]["candidate"]) == ("a", "b")
     assert shadow["requests"] == len(BODIES) and shadow["similarity_mean"] == 1.0
     assert shadow["candidate_errors"] == 0 and shadow["latency_s"]["p95_ratio"] is not None
+
+
+AGENT_BODIES = [
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": MESSAGES}),
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": MESSAGES, "stream": True}),
+    ("/v1/responses", {"input": "Name three colours.", "max_output_tokens": 6}),
+    ("/v1/responses", {"input": "Name three colours.", "max_output_tokens": 6, "stream": True}),
+]
+
+
+def test_messages_and_responses_are_shadowed_and_canaried_through_their_translation(front, upstreams):
+    """The upstream targets speak chat completions: the route translates each request for them and their
+    answers back, shadowing leaves the client's bytes as they were, and each request leaves one row."""
+    f = front(mode="shadow", weight=0)
+    for _ in range(2):  # the second round finds the prompts in the prefix cache, as the shadowed round will
+        unshadowed = [normalized(f.post(path, {**body, "temperature": 0}).content) for path, body in AGENT_BODIES]
+    assert f.admin(model=MODEL, weight=100).status_code == 200
+    for i, (path, body) in enumerate(AGENT_BODIES):
+        response = f.post(path, {**body, "temperature": 0})
+        assert response.status_code == 200 and response.headers["x-served-by"] == "a"
+        assert normalized(response.content) == unshadowed[i]  # byte for byte, ids and times aside
+        assert wait_until(lambda n=i + 1: len(f.rows()) == n, timeout=60)
+    for row, (path, _) in zip(f.rows(), AGENT_BODIES, strict=True):
+        assert (row["endpoint"], row["primary_status"], row["candidate_status"]) == (path, 200, 200)
+        assert row["candidate_error"] is None and row["similarity"] == 1.0
+        assert row["primary_tokens"] == row["candidate_tokens"] == 6 and row["primary_finish"] == "length"
+    with sqlite3.connect(f.store.parent / "responses.sqlite") as db:  # the shadows stored nothing
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2 * 2 + 2
+
+    seen = served_requests(upstreams["a"]), served_requests(upstreams["b"])
+    sovereign = f.post(*AGENT_BODIES[0], key=SOVEREIGN)
+    assert sovereign.status_code == 200 and sovereign.headers["x-served-by"] == "local"
+    assert (served_requests(upstreams["a"]), served_requests(upstreams["b"])) == seen
+
+    f = front(mode="canary", weight=100, candidate="hole")  # the candidate never answers: a serves
+    for path, body in AGENT_BODIES:
+        response = f.post(path, body)
+        assert response.status_code == 200 and response.headers["x-served-by"] == "a"
+    assert {r["candidate_error"] is not None for r in f.rows() if r["served"] == "candidate"} == {True}
 
 
 def test_canary_share_is_the_weight_and_each_key_stays_on_its_side(front):

@@ -81,8 +81,8 @@ class RoutingConfig:
     store_text: bool = False  # comparison rows keep prompts and outputs
     shadow_max_in_flight: int = 16  # more shadow calls than this at once are dropped (and counted)
     route_header_roles: tuple[str, ...] = ("admin", "force_overflow")  # key roles that may send X-Route
-    # name -> an OpenAI-compatible upstream {base_url, api_key_env, model, timeouts, breaker}; `local` and
-    # `overflow` are built in
+    # name -> an OpenAI-compatible upstream {base_url, anthropic_base_url, api_key_env, model, timeouts,
+    # breaker}; `local` and `overflow` are built in
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     # served model -> its route {primary, candidate, mode: off|shadow|canary, weight: 0-100}
     models: dict[str, RouteConfig] = field(default_factory=dict)

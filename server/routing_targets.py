@@ -88,6 +88,7 @@ def _upstream(name: str, cfg: TargetConfig) -> Target:
         connect_timeout_s=cfg.connect_timeout_s,
         first_byte_timeout_s=cfg.first_byte_timeout_s,
         idle_timeout_s=cfg.idle_timeout_s,
+        budget_s=cfg.connect_timeout_s + cfg.first_byte_timeout_s,  # one attempt, its own timeouts
         retries=0,
     )
     return Target(

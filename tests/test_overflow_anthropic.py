@@ -94,7 +94,10 @@ def test_messages_overflow_to_the_upstreams_own_messages_api(deploy, fake_anthro
     assert raw.headers["x-served-by"] == "holysheep" and message.id == raw.headers["x-request-id"]
     assert (message.content[0].text, message.model, message.stop_reason) == (TEXT, "claude-x", "end_turn")
     headers, sent = fake.seen[-1]
-    assert sent == {**request, "model": REMOTE_MODEL}  # as the client sent it: no translation, no extra fields
+    assert sent == {
+        **request,
+        "model": REMOTE_MODEL,
+    }  # as the client sent it: no translation, no extra fields
     assert headers["x-api-key"] == UPSTREAM_KEY and headers["anthropic-version"] == "2023-06-01"
 
     with client.messages.stream(**request) as stream:
@@ -120,3 +123,40 @@ def test_messages_overflow_to_the_upstreams_own_messages_api(deploy, fake_anthro
     sovereign = anthropic.Anthropic(base_url=d.local.url, api_key=SOVEREIGN, max_retries=0, timeout=120)
     assert sovereign.messages.with_raw_response.create(**request).headers["x-served-by"] == "local"
     assert len(fake.seen) == seen  # a sovereign key's request never left the host
+
+
+def test_the_pass_through_tallies_anthropic_usage_and_keeps_the_upstreams_events():
+    import asyncio
+
+    from server.anthropic_upstream import NativeMessages
+    from server.errors import APIError
+    from server.overflow_upstream import Tally
+
+    async def events() -> bytes:
+        return b"".join([chunk async for chunk in FakeAnthropic._events({"id": "msg_up", "model": "up"})])
+
+    raw = asyncio.run(events())
+    tally = Tally(local_prompt_tokens=0)
+    rewriter = NativeMessages("claude-x").rewriter("glm-5", "msg_local", False, tally)
+    out = rewriter.feed(raw[:50]) + rewriter.feed(raw[50:])  # an event split across two chunks
+    assert rewriter.done and out.count(b"\n\n") == raw.count(b"\n\n")
+    start = json.loads(out.split(b"\n\n")[0].split(b"data: ")[1])
+    assert (start["message"]["id"], start["message"]["model"]) == ("msg_local", "claude-x")
+    assert out.split(b"\n\n")[1:] == raw.split(b"\n\n")[1:]  # the rest as the upstream sent it
+    fields = tally.access_fields()
+    assert (fields["prompt_tokens"], fields["completion_tokens"], fields["finish_reasons"]) == (
+        11,
+        3,
+        ["stop"],
+    )
+    assert fields["tokens_exact"] and fields["ttft_s"] >= 0
+
+    broken = Tally(local_prompt_tokens=0)
+    rewriter = NativeMessages("claude-x").rewriter("glm-5", "msg_local", False, broken)
+    passed = rewriter.feed(_event("error", error={"type": "overloaded_error", "message": "Overloaded"}))
+    assert (
+        broken.ended == "error" and b"overloaded_error" in passed
+    )  # the upstream's error reaches the client
+    assert rewriter.failure(APIError(502, "gone"))[0].startswith(b"event: error\n")  # ours, in its shape
+    response = NativeMessages("claude-x").rewrite_json(b'{"choices": []}', "glm-5", "msg_local", Tally(0))
+    assert response.status_code == 502 and json.loads(response.body)["type"] == "error"  # Anthropic's shape

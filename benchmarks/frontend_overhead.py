@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.alternating import (  # noqa: E402
-    alternate,
-    gated,
-    round_ratios,
-    run_header,
-    stream_timed,
-    update_results_md,
-)
+from benchmarks.bench import alternating  # noqa: E402
 from benchmarks.bench.loadgen import make_client  # noqa: E402
 from benchmarks.bench.servers import ManagedServer, git_commit, glm_serve_spec, machine_info  # noqa: E402
 
@@ -61,7 +54,7 @@ async def run_in_process(engine, prompts, concurrency: int, tag: str) -> tuple[l
             n = delta.num_output_tokens
         return n
 
-    return await gated(list(enumerate(prompts)), concurrency, one)
+    return await alternating.gated(list(enumerate(prompts)), concurrency, one)
 
 
 async def run_http(base_url: str, model: str, prompts, concurrency: int) -> tuple[list[int], float]:
@@ -73,9 +66,9 @@ async def run_http(base_url: str, model: str, prompts, concurrency: int) -> tupl
                 "model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True},
             }  # fmt: skip
-            return (await stream_timed(client, f"{base_url}/v1/completions", body)).output_tokens
+            return (await alternating.stream_timed(client, f"{base_url}/v1/completions", body)).output_tokens
 
-        return await gated(prompts, concurrency, one)
+        return await alternating.gated(prompts, concurrency, one)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             await run_http(spec.base_url, server.model_id or "", warm, args.concurrency)
             arms = [("in_process", in_process), ("http", http)]
             runs.extend(
-                await alternate(
+                await alternating.alternate(
                     arms, args.rounds, lambda r: f"{_tok_s(r):.1f} out tok/s ({r['seconds']:.1f} s)"
                 )
             )
@@ -145,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     tok_s = {arm: tokens / secs for arm, (tokens, secs) in totals.items()}
     pooled = tok_s["http"] / tok_s["in_process"]
-    ratios = round_ratios(runs, _tok_s, ("http", "in_process"))
+    ratios = alternating.round_ratios(runs, _tok_s, ("http", "in_process"))
     ratio = statistics.median(ratios)
     for arm, (tokens, _) in totals.items():
         if tokens != expected * args.rounds:
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(ratios)} rounds {ratio:.3f}, pooled {pooled:.3f} (target >= {TARGET}) -> {path}"
     )
     if args.update_results_md:
-        update_results_md("frontend-overhead", results_md_section(result))
+        alternating.update_results_md("frontend-overhead", results_md_section(result))
     return 0
 
 
@@ -187,7 +180,7 @@ def _tok_s(run: dict) -> float:
 def results_md_section(result: dict) -> str:
     w = result["workload"]
     lines = [
-        run_header(result),
+        alternating.run_header(result),
         f"{w['requests']} requests x {w['rounds']} rounds per path at concurrency {w['concurrency']}, prompts "
         f"{w['input_len']} tokens +-25%, {w['output_len']} output tokens each (greedy, ignore_eos).",
     ]

@@ -33,14 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.alternating import (  # noqa: E402
-    alternate,
-    gated,
-    round_ratios,
-    run_header,
-    stream_timed,
-    update_results_md,
-)
+from benchmarks.bench import alternating  # noqa: E402
 from benchmarks.bench.loadgen import make_client  # noqa: E402
 from benchmarks.bench.servers import ManagedServer, ServerSpec, free_port, git_commit, machine_info  # noqa: E402
 
@@ -63,9 +56,11 @@ async def run_pass(base_url: str, texts: list[str], concurrency: int, max_tokens
         async def one(text: str) -> float:
             body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
                     "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
-            return (await stream_timed(client, f"{base_url}/v1/chat/completions", body, headers)).ttft
+            return (
+                await alternating.stream_timed(client, f"{base_url}/v1/chat/completions", body, headers)
+            ).ttft
 
-        return (await gated(texts, concurrency, one))[0]
+        return (await alternating.gated(texts, concurrency, one))[0]
 
 
 def set_weight(base_url: str, weight: float) -> None:
@@ -143,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         await asyncio.to_thread(set_weight, front.base_url, 100)  # warm-up: both paths, untimed
         await run_pass(front.base_url, prompts(args.requests, args.words, -1), args.concurrency, 4)
         arms = [("off", arm(0)), ("on", arm(100))]
-        return await alternate(arms, args.rounds, lambda r: f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms")
+        return await alternating.alternate(
+            arms, args.rounds, lambda r: f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms"
+        )
 
     with ManagedServer(candidate, out_dir / "candidate.log"), ManagedServer(front, out_dir / "front.log"):
         runs = asyncio.run(session())
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         w: statistics.median([t for r in runs if r["arm"] == w for t in r["ttfts_s"]]) for w in ("off", "on")
     }
     pooled = p50["on"] / p50["off"]
-    ratios = round_ratios(runs, lambda r: r["ttft_p50_s"], ("on", "off"))
+    ratios = alternating.round_ratios(runs, lambda r: r["ttft_p50_s"], ("on", "off"))
     ratio = statistics.median(ratios)
     result = {
         "benchmark": "routing_overhead",
@@ -180,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         f"rounds {ratio:.3f}, pooled {pooled:.3f} (target <= {TARGET})"
     )
     if args.update_results_md:
-        update_results_md("routing-overhead", results_md_section(result))
+        alternating.update_results_md("routing-overhead", results_md_section(result))
     return 0
 
 
 def results_md_section(result: dict) -> str:
     w = result["workload"]
     lines = [
-        run_header(result),
+        alternating.run_header(result),
         f"{w['requests']} streamed chat requests per pass at concurrency {w['concurrency']}, prompts of {w['words']} "
         f"words, {w['max_tokens']} output tokens; {w['rounds']} off/on rounds, alternated. "
         f"Shadow calls: {json.dumps(result['shadow_metrics'])}.",

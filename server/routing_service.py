@@ -6,10 +6,10 @@ RoutingMiddleware sits inside the API-key check and the body limit: it reads the
 Plan (None: not routed, the app serves it as always), and serves it. The local engine is served by the
 app itself (admission and overflow unchanged); an upstream target by the overflow's pass-through for
 chat and completions, and by the app's Messages / Responses route, which translates the request for
-it (server/routing_agents.py). The client's response bytes are
-passed on untouched while a copy is kept for the comparison. A shadow call starts once the primary has
-answered with a success status (after its admission), runs as a task bounded by
-routing.shadow_max_in_flight, and is cancelled when the server shuts down."""
+it (server/routing_agents.py). The client's response bytes are passed on untouched while a copy is kept
+for the comparison. A shadow call starts once the primary has answered with a success status (after its
+admission), runs as a task bounded by routing.shadow_max_in_flight, and is cancelled when the server
+shuts down."""
 
 from __future__ import annotations
 
@@ -52,13 +52,7 @@ from server.routing_targets import (
     upstream_body,
     upstream_response,
 )
-from server.routing_track import (
-    CLIENT_FAULTS,
-    NOT_CLIENT_FAULTS,
-    RoutingMetrics,
-    comparison_row,
-    guard_sample,
-)
+from server.routing_track import RoutingMetrics, comparison_row, guard_sample, target_failed
 from server.usage import parse_usage_config
 
 log = logging.getLogger("glm_serve.routing")
@@ -113,14 +107,15 @@ class RoutingService:
         if not isinstance(body, dict) or serving.draining or not serving.ready:
             return None
         api = ROUTED_PATHS[scope["path"]]
-        model, chat = str(body.get("model") or serving.served_model_name), body
-        if api in TRANSLATED_APIS:  # their model names resolve through agent_apis.model_aliases
-            model = serving.served_model_name
-            chat = chat_view(api, body, self.agent_apis, model)
-            if chat is None:
-                return None
+        translated = api in TRANSLATED_APIS  # their model names resolve through agent_apis.model_aliases
+        model = (
+            serving.served_model_name if translated else str(body.get("model") or serving.served_model_name)
+        )
         route = self.cfg.models.get(model)
         if route is None or route.mode is Mode.OFF:
+            return None
+        chat = chat_view(api, body, self.agent_apis, model) if translated else body
+        if chat is None:
             return None
         key: ApiKey = scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
         headers = {
@@ -172,7 +167,9 @@ class RoutingService:
                 plan.served, plan.role, started = plan.fallback, "primary", time.monotonic()
                 failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
             if failure is not None:
-                await self._failed(plan, failure).response(scope["path"])(scope, receive, capture.send)
+                await target_failed(plan.served.name, failure).response(scope["path"])(
+                    scope, receive, capture.send
+                )
         finally:
             plan.request_id = str(access.get("id") or "")
             outcome = capture.outcome(plan.served.name, time.monotonic() - started, access, plan.path)
@@ -180,18 +177,6 @@ class RoutingService:
                 plan.primary_done.set_result(outcome)
             if plan.route.mode is Mode.CANARY:
                 self._canary_done(plan, outcome)
-
-    @staticmethod
-    def _failed(plan: Plan, failure: UpstreamError) -> APIError:
-        """What the client gets when the only target for it failed: its refusal of a bad request as it
-        is, anything else as 502."""
-        if failure.status in CLIENT_FAULTS and failure.status not in NOT_CLIENT_FAULTS:
-            return APIError(
-                failure.status, str(failure).partition(": ")[2] or str(failure), code="upstream_refused"
-            )
-        return APIError(
-            502, f"The routing target {plan.served.name!r} failed: {failure}", code="upstream_error"
-        )
 
     async def _serve_on(self, target: Target, plan: Plan, scope: Scope, raw: bytes, receive: Receive,
                         capture: Capture, app: ASGIApp, access: dict) -> UpstreamError | None:  # fmt: skip

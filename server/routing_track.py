@@ -9,12 +9,24 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from server.errors import APIError
+from server.overflow_upstream import UpstreamError
 from server.routing import Sample
 from server.routing_compare import Outcome, json_valid, rouge_l, tool_calls_agree, tool_calls_valid
 from server.routing_store import ComparisonRow
 
 CLIENT_FAULTS = range(400, 500)
 NOT_CLIENT_FAULTS = {408, 429}  # 4xx statuses that say the target, not the request, is the problem
+
+
+def target_failed(target: str, failure: UpstreamError) -> APIError:
+    """What the client gets when the only target for it failed: its refusal of a bad request as it is,
+    anything else as 502."""
+    if failure.status in CLIENT_FAULTS and failure.status not in NOT_CLIENT_FAULTS:
+        return APIError(
+            failure.status, str(failure).partition(": ")[2] or str(failure), code="upstream_refused"
+        )
+    return APIError(502, f"The routing target {target!r} failed: {failure}", code="upstream_error")
 
 
 def guard_sample(outcome: Outcome, body: dict[str, Any], agreement: bool | None) -> Sample | None:

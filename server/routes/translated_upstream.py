@@ -1,8 +1,9 @@
 """An overflowed (or routed) Anthropic or Responses request: it went upstream as a chat completion; its
 answer (a chat.completion, or chat.completion.chunk events) comes back through the API's own encoder, so
 the client sees the same wire format whether it was served locally or upstream. A /v1/messages request
-goes to an upstream's own Messages API instead when one is configured (server/anthropic_upstream.py). The tally (usage, finish reasons,
-first content) is kept as for a chat request, so the ledger row is the same."""
+goes to an upstream's own Messages API instead when one is configured (server/anthropic_upstream.py).
+The tally (usage, finish reasons, first content) is kept as for a chat request, so the ledger row is the
+same."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ async def serve_on_target(
     target: Target, request: Request, translated: TranslatedRequest, chat: dict[str, Any], prompt_tokens: int
 ) -> Response:
     """A routed Messages or Responses request served by an upstream routing target: as the chat completion
-    `chat`, or in its own API (upstream_call). A failure before the first byte raises UpstreamError: the routing layer falls back (canary)
-    or answers it, as for a chat request; nothing has been sent yet."""
+    `chat`, or in its own API (upstream_call). A failure before the first byte raises UpstreamError: the
+    routing layer falls back (canary) or answers it, as for a chat request; nothing has been sent yet."""
     access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
     request_id = f"{translated.id_prefix}_{uuid.uuid4().hex}"
     native = target.messages_client is not None

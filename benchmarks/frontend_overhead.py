@@ -4,11 +4,12 @@ subprocess, streamed /v1/completions) against the same requests sent to the engi
 
 Both sides use configs/cpu.yaml's engine settings and the same token-id prompts (random, seeded; greedy,
 ignore_eos, so both generate exactly the same number of tokens). Both engines stay loaded and the two
-paths alternate (in-process, HTTP, in-process, HTTP ...) so that drift on a shared host falls on both;
-the ratio is total tokens over total time of each path. The HTTP side includes the client's own work
-(SSE parsing in this process), as a real client would have it.
+paths alternate in rounds (benchmarks/bench/alternating.py) so that drift on a shared host falls on both;
+the figure is the median over rounds of the round's HTTP / in-process tokens/s (the pooled ratio, total
+tokens over total time, is recorded too). The HTTP side includes the client's own work (SSE parsing in
+this process), as a real client would have it.
 
-    python benchmarks/frontend_overhead.py [--requests 32] [--concurrency 16] [--repeats 2]
+    python benchmarks/frontend_overhead.py [--requests 32] [--concurrency 16] [--rounds 4] [--update-results-md]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench.client import RequestOutput, StreamTimer  # noqa: E402
+from benchmarks.bench import alternating  # noqa: E402
 from benchmarks.bench.loadgen import make_client  # noqa: E402
 from benchmarks.bench.servers import ManagedServer, git_commit, glm_serve_spec, machine_info  # noqa: E402
 
@@ -40,18 +42,6 @@ def make_prompts(
     return [([rng.randrange(100, vocab) for _ in range(k)], output_len) for k in lens]
 
 
-async def _gated(items, concurrency: int, fn) -> tuple[list[int], float]:
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(item):
-        async with gate:
-            return await fn(item)
-
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(item) for item in items))
-    return list(counts), time.perf_counter() - t0
-
-
 async def run_in_process(engine, prompts, concurrency: int, tag: str) -> tuple[list[int], float]:
     from server.engine_api import GenerateRequest
     from server.scheduler.request import SamplingParams
@@ -64,7 +54,7 @@ async def run_in_process(engine, prompts, concurrency: int, tag: str) -> tuple[l
             n = delta.num_output_tokens
         return n
 
-    return await _gated(list(enumerate(prompts)), concurrency, one)
+    return await alternating.gated(list(enumerate(prompts)), concurrency, one)
 
 
 async def run_http(base_url: str, model: str, prompts, concurrency: int) -> tuple[list[int], float]:
@@ -76,18 +66,9 @@ async def run_http(base_url: str, model: str, prompts, concurrency: int) -> tupl
                 "model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True},
             }  # fmt: skip
-            out = RequestOutput(start_time=time.perf_counter())
-            timer = StreamTimer(out)
-            async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if line.startswith("data:"):
-                        timer.feed(line[5:].strip())
-            if not timer.finish().success:
-                raise RuntimeError(f"HTTP request failed: {out.error}")
-            return out.output_tokens
+            return (await alternating.stream_timed(client, f"{base_url}/v1/completions", body)).output_tokens
 
-        return await _gated(prompts, concurrency, one)
+        return await alternating.gated(prompts, concurrency, one)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="in-process/HTTP pairs, alternated")
+    p.add_argument("--rounds", type=int, default=4, help="in-process/HTTP rounds, alternated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="cpu", help="profile for both sides")
     p.add_argument("--note", help="recorded with the result (e.g. 'machine shared')")
@@ -122,22 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
 
     async def session(server: ManagedServer) -> None:
+        async def in_process(number: int) -> dict:
+            counts, secs = await run_in_process(engine, prompts, args.concurrency, f"r{number}")
+            return {"output_tokens": sum(counts), "seconds": secs}
+
+        async def http(number: int) -> dict:
+            counts, secs = await run_http(spec.base_url, server.model_id or "", prompts, args.concurrency)
+            return {"output_tokens": sum(counts), "seconds": secs}
+
         await engine.start()
         try:
             await run_in_process(engine, warm, args.concurrency, "warm")
             await run_http(spec.base_url, server.model_id or "", warm, args.concurrency)
-            for rep in range(args.repeats):
-                counts, secs = await run_in_process(engine, prompts, args.concurrency, f"r{rep}")
-                runs.append(
-                    {"path": "in_process", "repeat": rep, "output_tokens": sum(counts), "seconds": secs}
+            arms = [("in_process", in_process), ("http", http)]
+            runs.extend(
+                await alternating.alternate(
+                    arms, args.rounds, lambda r: f"{_tok_s(r):.1f} out tok/s ({r['seconds']:.1f} s)"
                 )
-                counts, secs = await run_http(spec.base_url, server.model_id or "", prompts, args.concurrency)
-                runs.append({"path": "http", "repeat": rep, "output_tokens": sum(counts), "seconds": secs})
-                for r in runs[-2:]:
-                    print(
-                        f"{r['path']:>10} #{rep}: {r['output_tokens'] / r['seconds']:.1f} out tok/s ({r['seconds']:.1f} s)",
-                        flush=True,
-                    )
+            )
         finally:
             await engine.shutdown()
 
@@ -147,17 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(session(server))
 
     totals = {
-        path: (
-            sum(r["output_tokens"] for r in runs if r["path"] == path),
-            sum(r["seconds"] for r in runs if r["path"] == path),
+        arm: (
+            sum(r["output_tokens"] for r in runs if r["arm"] == arm),
+            sum(r["seconds"] for r in runs if r["arm"] == arm),
         )
-        for path in ("in_process", "http")
+        for arm in ("in_process", "http")
     }
-    tok_s = {path: tokens / secs for path, (tokens, secs) in totals.items()}
-    ratio = tok_s["http"] / tok_s["in_process"]
-    for path, (tokens, _) in totals.items():
-        if tokens != expected * args.repeats:
-            print(f"{path}: {tokens} output tokens, expected {expected * args.repeats}", file=sys.stderr)
+    tok_s = {arm: tokens / secs for arm, (tokens, secs) in totals.items()}
+    pooled = tok_s["http"] / tok_s["in_process"]
+    ratios = alternating.round_ratios(runs, _tok_s, ("http", "in_process"))
+    ratio = statistics.median(ratios)
+    for arm, (tokens, _) in totals.items():
+        if tokens != expected * args.rounds:
+            print(f"{arm}: {tokens} output tokens, expected {expected * args.rounds}", file=sys.stderr)
             return 1
     result = {
         "benchmark": "frontend_overhead",
@@ -171,39 +156,47 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "in_process_output_throughput": tok_s["in_process"],
         "http_output_throughput": tok_s["http"],
-        "http_over_in_process": ratio,
+        "http_over_in_process_pooled": pooled,
+        "round_ratios": ratios,
+        "http_over_in_process": ratio,  # the median of the round ratios
         "target": TARGET,
         "met": ratio >= TARGET,
     }
     path = out / f"frontend_overhead_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))
     print(
-        f"in-process {tok_s['in_process']:.1f} tok/s, HTTP {tok_s['http']:.1f} tok/s: HTTP/in-process {ratio:.3f} (target >= {TARGET}) -> {path}"
+        f"in-process {tok_s['in_process']:.1f} tok/s, HTTP {tok_s['http']:.1f} tok/s: HTTP/in-process, median of "
+        f"{len(ratios)} rounds {ratio:.3f}, pooled {pooled:.3f} (target >= {TARGET}) -> {path}"
     )
+    if args.update_results_md:
+        alternating.update_results_md("frontend-overhead", results_md_section(result))
     return 0
 
 
+def _tok_s(run: dict) -> float:
+    return run["output_tokens"] / run["seconds"]
+
+
 def results_md_section(result: dict) -> str:
-    w, m = result["workload"], result["machine"]
+    w = result["workload"]
     lines = [
-        f"Run {result['date']}, commit `{result['commit']}`, {m['cpu']} ({m['cpu_count']} logical CPUs, load average "
-        f"at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}), profile `{result['profile']}`.",
-        f"{w['requests']} requests x {w['repeats']} passes per path at concurrency {w['concurrency']}, prompts "
+        alternating.run_header(result),
+        f"{w['requests']} requests x {w['rounds']} rounds per path at concurrency {w['concurrency']}, prompts "
         f"{w['input_len']} tokens +-25%, {w['output_len']} output tokens each (greedy, ignore_eos).",
     ]
     if result.get("note"):
         lines.append(f"Note: {result['note']}")
     lines += [
         "",
-        "| path | pass | output tokens | seconds | out tok/s |",
+        "| path | round | output tokens | seconds | out tok/s |",
         "|---|---|---|---|---|",
         *(
-            f"| {r['path']} | {r['repeat']} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tokens'] / r['seconds']:.1f} |"
+            f"| {r['arm']} | {r['round']} | {r['output_tokens']} | {r['seconds']:.1f} | {_tok_s(r):.1f} |"
             for r in result["runs"]
         ),
         "",
-        f"HTTP / in-process: **{result['http_over_in_process']:.3f}** (target >= {result['target']}: "
-        f"{'met' if result['met'] else 'NOT met'}).",
+        f"HTTP / in-process, median of the round ratios: **{result['http_over_in_process']:.3f}** (target >= "
+        f"{result['target']}: {'met' if result['met'] else 'NOT met'}); pooled {result['http_over_in_process_pooled']:.3f}.",
     ]
     return "\n".join(lines)
 

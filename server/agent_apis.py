@@ -12,22 +12,26 @@ served model and keep stored responses.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server.config import ConfigError
+from server.config_schema import build_section
 from server.errors import model_not_found
 from server.usage import state_dir
 
 
 @dataclass(frozen=True, slots=True)
 class AgentApisConfig:
+    """How /v1/messages and /v1/responses name the served model and keep stored responses."""
+
+    # model-name pattern (fnmatch) -> the served model's name (null: the served model), e.g. Claude Code's
     model_aliases: dict[str, str | None] = field(default_factory=lambda: {"claude-*": None})
-    responses_store: bool = True
-    responses_max_stored: int = 10_000
-    responses_max_age_s: float = 30 * 86400.0
-    responses_path: str = "responses.sqlite"
+    responses_store: bool = True  # false: a request's `store` is ignored, nothing is kept
+    responses_max_stored: int = 10_000  # stored responses per API key; the oldest beyond this are deleted
+    responses_max_age_s: float = 30 * 86400.0  # stored responses older than this are deleted (30 days)
+    responses_path: str = "responses.sqlite"  # the response store; relative: under the state directory
 
     def resolved_path(self) -> Path:
         path = Path(self.responses_path).expanduser()
@@ -35,25 +39,10 @@ class AgentApisConfig:
 
 
 def parse_agent_apis_config(section: dict[str, Any] | None) -> AgentApisConfig:
-    if section is None:
-        return AgentApisConfig()
-    if not isinstance(section, dict):
-        raise ConfigError("agent_apis must be a mapping")
-    known = {f.name for f in fields(AgentApisConfig)}
-    for key in section:
-        if key not in known:
-            raise ConfigError(f"unknown config key 'agent_apis.{key}' (known: {', '.join(sorted(known))})")
-    cfg = AgentApisConfig(**section)
-    aliases = cfg.model_aliases
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in aliases.items()
-    ):
-        raise ConfigError("agent_apis.model_aliases must map model-name patterns to a model name or null")
-    if not isinstance(cfg.responses_store, bool):
-        raise ConfigError("agent_apis.responses_store must be true or false")
-    if not isinstance(cfg.responses_max_stored, int) or cfg.responses_max_stored < 1:
+    cfg: AgentApisConfig = build_section(AgentApisConfig, section, "agent_apis")
+    if cfg.responses_max_stored < 1:
         raise ConfigError("agent_apis.responses_max_stored must be an integer >= 1")
-    if not isinstance(cfg.responses_max_age_s, int | float) or cfg.responses_max_age_s <= 0:
+    if cfg.responses_max_age_s <= 0:
         raise ConfigError("agent_apis.responses_max_age_s must be a number > 0")
     return cfg
 

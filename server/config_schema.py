@@ -30,6 +30,8 @@ SECTION_TYPES = {
     "server": "server.config:ServerConfig",
     "overflow": "server.overflow:OverflowConfig",
     "usage": "server.usage:UsageConfig",
+    "routing": "server.routing:RoutingConfig",
+    "agent_apis": "server.agent_apis:AgentApisConfig",
 }
 FREEFORM_SECTIONS = ("vllm", "notes")  # vllm: vLLM's engine args (checked against vLLM); notes: comments
 TOP_LEVEL_KEYS = {"profile": str, "description": str, "models": list[dict[str, Any]]}
@@ -116,7 +118,8 @@ def closest(name: str, known: typing.Iterable[str]) -> str:
 
 
 def unknown_key(path: str, source: str, known: typing.Iterable[str]) -> ConfigError:
-    return ConfigError(f"unknown config key '{path}' ({source}){closest(path, known)}")
+    where = f" ({source})" if source else ""
+    return ConfigError(f"unknown config key '{path}'{where}{closest(path, known)}")
 
 
 def _section_of(path: str) -> str:
@@ -203,7 +206,7 @@ def from_text(raw: str, hint: Any) -> Any:
     if _allows_none(hint) and raw.strip().lower() in ("", "null", "none"):
         return None
     origin = typing.get_origin(base) or base
-    if origin is list:
+    if origin in (list, tuple):
         return yaml.safe_load(raw) if raw.lstrip().startswith("[") else [s for s in raw.split(",") if s]
     if origin is dict:
         return yaml.safe_load(raw)
@@ -219,14 +222,55 @@ def typed_value(path: str, value: Any, source: str) -> Any:
     hint = schema()[path].type
     if from_string:
         value = from_text(value, hint)
+    checked = checked_value(hint, value, path, source)
+    return value if typing.get_origin(_base(hint)) is dict else checked
+
+
+def build_section(cls: type, values: Any, where: str, source: str = "") -> Any:
+    """A section's dataclass from its mapping (None: the defaults): an unknown key is an error naming the
+    closest known one, each value is checked against its field's type, and nested dataclasses and maps
+    of names to dataclasses (routing.targets) are built the same way, so every error names the full key."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{where}' must be a mapping, not {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f"{where}.{f.name}" for f in dataclasses.fields(cls)]
+    built = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise unknown_key(f"{where}.{name}", source, known)
+        built[name] = checked_value(hints[name], value, f"{where}.{name}", source)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in built:
+            raise ConfigError(f"config key '{where}.{f.name}'{f' ({source})' if source else ''} is required")
+    return cls(**built)
+
+
+def checked_value(hint: Any, value: Any, path: str, source: str = "") -> Any:
+    """`value` validated against the field type `hint` (dataclasses built by build_section)."""
+    item = _dataclass_values(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value, path, source)  # type: ignore[arg-type]
+    if item is not None and isinstance(value, dict):
+        return {str(name): build_section(item, v, f"{path}.{name}", source) for name, v in value.items()}
     try:
-        checked = _adapter(hint).validate_python(value)
+        return _adapter(hint).validate_python(value)
     except ValidationError as exc:
         why = exc.errors()[0]["msg"]
+        where = f" ({source})" if source else ""
         raise ConfigError(
-            f"config key '{path}' = {value!r} ({source}): expected {type_name(hint)} ({why})"
+            f"config key '{path}' = {value!r}{where}: expected {type_name(hint)} ({why})"
         ) from None
-    return value if typing.get_origin(_base(hint)) is dict else checked
+
+
+def _dataclass_values(hint: Any) -> type | None:
+    """D for a dict[str, D] of dataclass D (a map of names to sections), else None."""
+    args = typing.get_args(_base(hint))
+    if typing.get_origin(_base(hint)) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
 
 
 def merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str]]:

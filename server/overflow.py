@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from server.config import ApiKey, ConfigError
+from server.config_schema import build_section
 from server.engine_api import Load
 from server.errors import APIError, bad_request, unavailable
 
@@ -70,6 +71,9 @@ class OverflowConfig:
 
     enabled: bool = False  # off: nothing leaves this host
     base_url: str = HOLYSHEEP_BASE_URL  # the upstream's OpenAI-compatible API
+    # set: /v1/messages requests go as they are to {this}/v1/messages (the upstream's own Anthropic API,
+    # e.g. https://api.z.ai/api/anthropic); null: translated to chat completions at base_url
+    anthropic_base_url: str | None = None
     api_key_env: str = "HOLYSHEEP_API_KEY"  # the environment variable holding the upstream key
     models: dict[str, str] = field(default_factory=dict)  # local model id -> upstream model id
     triggers: Triggers = field(default_factory=Triggers)
@@ -77,25 +81,9 @@ class OverflowConfig:
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
-_NESTED = {"triggers": Triggers, "upstream": UpstreamConfig, "circuit_breaker": BreakerConfig}
-
-
-def _section(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
-    built = {k: _section(_NESTED[k], v, f"{where}.{k}") if k in _NESTED else v for k, v in values.items()}
-    return cls(**built)
-
-
 def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
     """The `overflow:` section of a profile, checked. Absent: overflow off."""
-    cfg: OverflowConfig = _section(OverflowConfig, section, "overflow")
+    cfg: OverflowConfig = build_section(OverflowConfig, section, "overflow")
     if not isinstance(cfg.models, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in cfg.models.items()
     ):
@@ -116,8 +104,10 @@ def parse_overflow_config(section: dict[str, Any] | None) -> OverflowConfig:
         raise ConfigError(
             "overflow.circuit_breaker.failures must be >= 1, cooldown_s and probe_timeout_s > 0"
         )
-    if not cfg.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"overflow.base_url must be an http(s) URL, not {cfg.base_url!r}")
+    for name in ("base_url", "anthropic_base_url"):
+        url = getattr(cfg, name)
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"overflow.{name} must be an http(s) URL, not {url!r}")
     return cfg
 
 

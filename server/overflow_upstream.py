@@ -80,14 +80,20 @@ class UpstreamClient:
         cfg: UpstreamConfig,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """headers: sent with every request (default: the key as a bearer token)."""
         self.cfg = cfg
         timeout = httpx.Timeout(
             connect=cfg.connect_timeout_s, read=None, write=cfg.connect_timeout_s, pool=cfg.connect_timeout_s
         )
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            headers=headers
+            if headers is not None
+            else {"Authorization": f"Bearer {api_key}"}
+            if api_key
+            else {},
             timeout=timeout,
             transport=transport,
         )
@@ -183,11 +189,15 @@ class Tally:
             if not isinstance(choice, dict):
                 continue
             if _has_output(choice):
-                self.content_chunks += 1
-                if self.first_content is None:
-                    self.first_content = time.monotonic()
+                self.saw_output()
             if choice.get("finish_reason"):
                 self.finish_reasons[int(choice.get("index") or 0)] = str(choice["finish_reason"])
+
+    def saw_output(self) -> None:
+        """One chunk (or response) with generated output: counted, and the first one's time kept."""
+        self.content_chunks += 1
+        if self.first_content is None:
+            self.first_content = time.monotonic()
 
     def access_fields(self) -> dict[str, Any]:
         """The usage fields of the access log (and so of the ledger row)."""

@@ -11,18 +11,19 @@ What may not leave the host (sovereign keys, X-Overflow: never) is served by the
 mirrored to an upstream.
 
 The serving side is server/routing_service.py; the comparison rows and the persisted weights are in
-server/routing_store.py."""
+server/routing_store.py (tables of the state database at usage.path)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from server.config import ConfigError
+from server.config_schema import build_section
 
 LOCAL_TARGET = "local"
 OVERFLOW_TARGET = "overflow"
@@ -42,6 +43,7 @@ class TargetConfig:
     base_url: str
     api_key_env: str | None = None  # the environment variable holding its key; None: no Authorization
     model: str | None = None  # the upstream's model id; None: the id the client used
+    anthropic_base_url: str | None = None  # set: /v1/messages goes as it is to {this}/v1/messages
     connect_timeout_s: float = 2.0
     first_byte_timeout_s: float = 30.0
     idle_timeout_s: float = 60.0
@@ -61,9 +63,9 @@ class RouteConfig:
 class GuardConfig:
     """Rollback guards over the last `window` candidate requests (each off when None)."""
 
-    window: int = 50
-    min_samples: int = 10
-    max_error_rate: float | None = 0.2
+    window: int = 50  # the last this many candidate requests (and as many of the primary's) are judged
+    min_samples: int = 10  # no guard fires before this many candidate requests are in the window
+    max_error_rate: float | None = 0.2  # the candidate's share of failed requests (5xx, timeouts)
     max_ttft_ratio: float | None = 3.0  # candidate p95 TTFT / primary p95 TTFT
     max_latency_ratio: float | None = 3.0  # same for end-to-end latency
     min_tool_call_rate: float | None = 0.8  # tool calls valid (canary) or agreeing with the primary (shadow)
@@ -72,57 +74,24 @@ class GuardConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    enabled: bool = False
-    path: str = "routing.sqlite"  # the routing store; relative: under the state directory (beside the ledger)
+    """Shadow, canary and rollback between targets (docs/routing.md)."""
+
+    enabled: bool = False  # off: every request is served as without routing
     salt: str = "glm-serve"  # of the sticky assignment; changing it reshuffles the keys
     store_text: bool = False  # comparison rows keep prompts and outputs
     shadow_max_in_flight: int = 16  # more shadow calls than this at once are dropped (and counted)
     route_header_roles: tuple[str, ...] = ("admin", "force_overflow")  # key roles that may send X-Route
+    # name -> an OpenAI-compatible upstream {base_url, anthropic_base_url, api_key_env, model, timeouts,
+    # breaker}; `local` and `overflow` are built in
     targets: dict[str, TargetConfig] = field(default_factory=dict)
+    # served model -> its route {primary, candidate, mode: off|shadow|canary, weight: 0-100}
     models: dict[str, RouteConfig] = field(default_factory=dict)
     guards: GuardConfig = field(default_factory=GuardConfig)
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    known = {f.name for f in fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def parse_routing_config(section: dict[str, Any] | None) -> RoutingConfig:
     """The `routing:` section of a profile, checked. Absent: routing off."""
-    values = dict(section or {})
-    if not isinstance(section or {}, dict):
-        raise ConfigError("routing must be a mapping")
-    targets = values.pop("targets", None) or {}
-    models = values.pop("models", None) or {}
-    guards = values.pop("guards", None)
-    if not isinstance(targets, dict) or not isinstance(models, dict):
-        raise ConfigError("routing.targets and routing.models must be mappings")
-    if "route_header_roles" in values:
-        values["route_header_roles"] = tuple(values["route_header_roles"] or ())
-    cfg: RoutingConfig = _build(RoutingConfig, values, "routing")
-    built_targets = {str(n): _build(TargetConfig, t, f"routing.targets.{n}") for n, t in targets.items()}
-    built_models = {}
-    for model, route in models.items():
-        route = dict(route or {})
-        try:
-            route["mode"] = Mode(str(route.get("mode", "off")))
-        except ValueError:
-            raise ConfigError(f"routing.models.{model}.mode must be off, shadow or canary") from None
-        built_models[str(model)] = _build(RouteConfig, route, f"routing.models.{model}")
-    cfg = RoutingConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)},
-                           "targets": built_targets, "models": built_models,
-                           "guards": _build(GuardConfig, guards, "routing.guards")})  # fmt: skip
+    cfg: RoutingConfig = build_section(RoutingConfig, section, "routing")
     _check(cfg)
     return cfg
 
@@ -132,8 +101,9 @@ def _check(cfg: RoutingConfig) -> None:
         if reserved in cfg.targets:
             raise ConfigError(f"routing.targets.{reserved}: the name is reserved (built-in target)")
     for name, target in cfg.targets.items():
-        if not target.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"routing.targets.{name}.base_url must be an http(s) URL")
+        for url in (target.base_url, target.anthropic_base_url or "http://"):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"routing.targets.{name}: {url!r} must be an http(s) URL")
         if min(target.connect_timeout_s, target.first_byte_timeout_s, target.idle_timeout_s) <= 0:
             raise ConfigError(f"routing.targets.{name}: timeouts must be > 0")
         if target.breaker_failures < 1 or target.breaker_cooldown_s <= 0:

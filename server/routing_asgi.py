@@ -8,7 +8,8 @@ from typing import Any
 
 from starlette.types import Message, Receive, Send
 
-from server.routing_compare import Outcome, read_outcome
+from server.routing_compare import Outcome
+from server.routing_read import read_outcome
 
 
 class Capture:
@@ -30,9 +31,11 @@ class Capture:
         if self._send is not None:
             await self._send(message)
 
-    def outcome(self, target: str, latency_s: float, access: dict[str, Any]) -> Outcome:
-        """The response read back; token counts the client did not ask to see come from the access fields."""
-        out = read_outcome(target, self.status, b"".join(self.parts), latency_s, access.get("ttft_s"))
+    def outcome(self, target: str, latency_s: float, access: dict[str, Any], api: str) -> Outcome:
+        """The response (of `api`) read back; token counts the client did not ask to see come from the
+        access fields."""
+        raw = b"".join(self.parts)
+        out = read_outcome(target, self.status, raw, latency_s, access.get("ttft_s"), api)
         if out.output_tokens is None and out.ok:
             out.prompt_tokens, out.output_tokens = (
                 access.get("prompt_tokens"),

@@ -1,5 +1,5 @@
-"""What a response said, read back from its bytes (a JSON body or an SSE stream), and how two of them
-compare: tool-call agreement, JSON validity, and token-level ROUGE-L (no model involved)."""
+"""What a response said (an Outcome, read back from its bytes by server/routing_read.py), and how two of
+them compare: tool-call agreement, JSON validity, and token-level ROUGE-L (no model involved)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class ToolCall:
 
 @dataclass(slots=True)
 class Outcome:
-    """One target's answer to one request (choice 0)."""
+    """One target's answer to one request (choice 0), in chat terms whatever the API: finish_reason is
+    stop | length | tool_calls, tool calls are (name, JSON arguments)."""
 
     target: str
     status: int  # HTTP status; 0: no answer (connection failed, timed out)
@@ -36,81 +37,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None and 200 <= self.status < 300
-
-
-def read_outcome(target: str, status: int, raw: bytes, latency_s: float, ttft_s: float | None) -> Outcome:
-    """An Outcome from a response body, streamed (SSE) or not."""
-    out = Outcome(target, status, round(latency_s, 4), None if ttft_s is None else round(ttft_s, 4))
-    if status >= 400:
-        out.error = f"HTTP {status}"
-        return out
-    stripped = raw.lstrip()
-    if stripped.startswith(b"{"):
-        _read_json(out, stripped)
-    else:
-        _read_sse(out, raw)
-    return out
-
-
-def _read_json(out: Outcome, raw: bytes) -> None:
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        out.error = "the response is not JSON"
-        return
-    choices = body.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
-    out.text = str(message.get("content") or choice.get("text") or "")
-    out.finish_reason = choice.get("finish_reason")
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        out.tool_calls.append(ToolCall(str(function.get("name")), str(function.get("arguments") or "")))
-    _read_usage(out, body.get("usage"))
-
-
-def _read_usage(out: Outcome, usage: Any) -> None:
-    if isinstance(usage, dict):
-        out.prompt_tokens = usage.get("prompt_tokens")
-        out.output_tokens = usage.get("completion_tokens")
-
-
-def _read_sse(out: Outcome, raw: bytes) -> None:
-    text: list[str] = []
-    calls: dict[int, ToolCall] = {}
-    done = False
-    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            done = True
-            continue
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            continue
-        if not isinstance(chunk, dict):
-            continue
-        if "error" in chunk:
-            out.error = str((chunk["error"] or {}).get("message") or "an error event")[:200]
-        _read_usage(out, chunk.get("usage"))
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            text.append(str(delta.get("content") or choice.get("text") or ""))
-            for call in delta.get("tool_calls") or []:
-                function = call.get("function") or {}
-                slot = calls.setdefault(int(call.get("index") or 0), ToolCall("", ""))
-                slot.name += str(function.get("name") or "")
-                slot.arguments += str(function.get("arguments") or "")
-            if choice.get("finish_reason"):
-                out.finish_reason = choice["finish_reason"]
-    if not done and out.error is None:
-        out.error = "the stream ended before [DONE]"
-    out.text = "".join(text)
-    out.tool_calls = [calls[i] for i in sorted(calls)]
 
 
 # -- checks -----------------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from typing import Any
 import httpx
 
 from server.config import CONFIG_DIR, ConfigError, load_config
-from server.routing import p95, parse_routing_config
-from server.routing_store import store_path
+from server.routing import p95
+from server.routing_store import ROUTING_TABLES_SINCE
 from server.usage import UsageConfig, parse_usage_config
 from server.usage_report import _iso, parse_since
+from server.usage_schema import SchemaTooNew, check_not_newer
 
 PAIR = ("model", "primary_target", "candidate_target")
 
@@ -110,6 +111,9 @@ def build_report(db_path: Path, cfg: UsageConfig, since: str | None = None, mode
     now = time.time()
     start = parse_since(since, now) or 0.0
     with closing(sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+        version = check_not_newer(db, db_path)
+        if version < ROUTING_TABLES_SINCE:
+            raise ValueError(f"{db_path} (schema version {version}) has no routing tables yet")
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM comparisons WHERE ts >= ? ORDER BY ts", (start,))]
         events = [dict(r) for r in db.execute("SELECT * FROM rollbacks WHERE ts >= ? ORDER BY ts", (start,))]
@@ -194,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--model", help="only this served model")
     report.add_argument("--format", choices=["table", "json"], default="table")
     report.add_argument("--config", default=str(CONFIG_DIR / "cpu.yaml"), help="profile (store path, prices)")
-    report.add_argument("--db", help="routing store (default: the profile's routing.path)")
+    report.add_argument("--db", help="the state database (default: the profile's usage.path)")
     setter = commands.add_parser("set", help="change a model's weight on a running server")
     setter.add_argument("model")
     setter.add_argument("--weight", type=float, required=True, help="0-100 (%%)")
@@ -210,14 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(body["models"][args.model]))
             return 0
         config = load_config(args.config)
-        db_path = (
-            Path(args.db) if args.db else store_path(parse_routing_config(config.extra.get("routing")).path)
-        )
-        if not db_path.is_file():
-            raise ValueError(f"no routing store at {db_path}")
         usage_cfg = parse_usage_config(config.extra.get("usage"))
+        db_path = Path(args.db) if args.db else usage_cfg.resolved_path()
+        if not db_path.is_file():
+            raise ValueError(f"no state database at {db_path}")
         print(render(build_report(db_path, usage_cfg, args.since, args.model), args.format))
-    except (ConfigError, ValueError, sqlite3.Error, httpx.HTTPError) as exc:
+    except (ConfigError, ValueError, SchemaTooNew, sqlite3.Error, httpx.HTTPError) as exc:
         print(f"glm-serve routing: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,12 +2,14 @@
 and what the guards learn from both.
 
 RoutingMiddleware sits inside the API-key check and the body limit: it reads the body of a POST to
-/v1/chat/completions or /v1/completions, asks RoutingService.plan() for a Plan (None: not routed, the
-app serves it as always), and serves it. The local engine is served by the app itself (admission and
-overflow unchanged); an upstream target by the overflow's pass-through. The client's response bytes are
-passed on untouched while a copy is kept for the comparison. A shadow call starts once the primary has
-answered with a success status (after its admission), runs as a task bounded by
-routing.shadow_max_in_flight, and is cancelled when the server shuts down."""
+/v1/chat/completions, /v1/completions, /v1/messages or /v1/responses, asks RoutingService.plan() for a
+Plan (None: not routed, the app serves it as always), and serves it. The local engine is served by the
+app itself (admission and overflow unchanged); an upstream target by the overflow's pass-through for
+chat and completions, and by the app's Messages / Responses route, which translates the request for
+it (server/routing_agents.py). The client's response bytes are passed on untouched while a copy is kept
+for the comparison. A shadow call starts once the primary has answered with a success status (after its
+admission), runs as a task bounded by routing.shadow_max_in_flight, and is cancelled when the server
+shuts down."""
 
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.agent_apis import parse_agent_apis_config
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.errors import APIError, bad_request
 from server.overflow import OVERFLOW_HEADER
@@ -37,42 +40,31 @@ from server.routing import (
     check_weight,
     parse_routing_config,
 )
+from server.routing_agents import TRANSLATED_APIS, chat_view, shadow_body
 from server.routing_asgi import Capture, read_all, replay
 from server.routing_compare import Outcome
-from server.routing_store import RoutingStore, store_path
-from server.routing_targets import Target, build_targets, call_upstream, pass_through, upstream_body
-from server.routing_track import CLIENT_FAULTS, NOT_CLIENT_FAULTS, comparison_row, guard_sample
+from server.routing_store import RoutingStore
+from server.routing_targets import (
+    ROUTE_TARGET,
+    Target,
+    build_targets,
+    call_upstream,
+    upstream_body,
+    upstream_response,
+)
+from server.routing_track import RoutingMetrics, comparison_row, guard_sample, target_failed
+from server.usage import parse_usage_config
 
 log = logging.getLogger("glm_serve.routing")
-ROUTED_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
+ROUTED_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions",
+                "/v1/messages": "messages", "/v1/responses": "responses"}  # fmt: skip
 ROUTE_HEADER = "x-route"
-
-
-class RoutingMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.shadow_requests = Counter(
-            "glm_serve:shadow_requests", "Shadow calls by result (ok, error, cancelled, breaker_open).",
-            ["result"], registry=registry,
-        )  # fmt: skip
-        self.shadow_dropped = Counter(
-            "glm_serve:shadow_dropped", "Shadow calls not made: routing.shadow_max_in_flight reached.",
-            registry=registry,
-        )  # fmt: skip
-        self.canary_weight = Gauge(
-            "glm_serve:canary_weight", "The candidate's share (%) per model.", ["model"], registry=registry
-        )
-        self.rollbacks = Counter(
-            "glm_serve:rollbacks",
-            "Automatic rollbacks by model and guard.",
-            ["model", "guard"],
-            registry=registry,
-        )
 
 
 @dataclass(slots=True, eq=False)
 class Plan:
     model: str
-    path: str  # chat/completions | completions
+    path: str  # the API: chat/completions | completions | messages | responses
     route: RouteConfig
     served: Target
     role: str  # primary | candidate: the served target's role
@@ -80,6 +72,7 @@ class Plan:
     shadow: Target | None
     key: ApiKey
     body: dict[str, Any]
+    chat: dict[str, Any]  # the request in chat terms (the body itself for chat and completions)
     primary_done: asyncio.Future[Outcome] | None = field(default=None)
     request_id: str = ""  # the client's request id, once its response has started
 
@@ -88,6 +81,7 @@ class RoutingService:
     def __init__(self, cfg: RoutingConfig, store: RoutingStore, registry: CollectorRegistry, targets: dict,
                  serving: Any) -> None:  # fmt: skip
         self.cfg, self.store, self.targets, self.serving = cfg, store, targets, serving
+        self.agent_apis = parse_agent_apis_config(serving.config.extra.get("agent_apis"))
         self.metrics = RoutingMetrics(registry)
         persisted = store.weights()
         self.weights = {m: persisted.get(m, r.weight) for m, r in cfg.models.items()}
@@ -103,7 +97,8 @@ class RoutingService:
         if not cfg.enabled:
             return None
         targets = build_targets(cfg, serving.overflow)
-        return cls(cfg, RoutingStore(store_path(cfg.path)), registry, targets, serving)
+        store = RoutingStore(parse_usage_config(config.extra.get("usage")).resolved_path())
+        return cls(cfg, store, registry, targets, serving)
 
     # -- the plan -------------------------------------------------------------------------------------
     def plan(self, scope: Scope, body: Any) -> Plan | None:
@@ -111,9 +106,16 @@ class RoutingService:
         serving = self.serving
         if not isinstance(body, dict) or serving.draining or not serving.ready:
             return None
-        model = str(body.get("model") or serving.served_model_name)
+        api = ROUTED_PATHS[scope["path"]]
+        translated = api in TRANSLATED_APIS  # their model names resolve through agent_apis.model_aliases
+        model = (
+            serving.served_model_name if translated else str(body.get("model") or serving.served_model_name)
+        )
         route = self.cfg.models.get(model)
         if route is None or route.mode is Mode.OFF:
+            return None
+        chat = chat_view(api, body, self.agent_apis, model) if translated else body
+        if chat is None:
             return None
         key: ApiKey = scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
         headers = {
@@ -135,7 +137,7 @@ class RoutingService:
         if not may_leave and not served.is_local:  # sovereign: served here, whatever the route says
             served, role, shadow = self.targets[LOCAL_TARGET], "primary", None
         fallback = primary if role == "candidate" else None
-        return Plan(model, ROUTED_PATHS[scope["path"]], route, served, role, fallback, shadow, key, body)
+        return Plan(model, api, route, served, role, fallback, shadow, key, body, chat)
 
     def _forced_role(self, key: ApiKey, header: str | None) -> str | None:
         if not header:
@@ -165,33 +167,28 @@ class RoutingService:
                 plan.served, plan.role, started = plan.fallback, "primary", time.monotonic()
                 failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
             if failure is not None:
-                await self._failed(plan, failure).response()(scope, receive, capture.send)
+                await target_failed(plan.served.name, failure).response(scope["path"])(
+                    scope, receive, capture.send
+                )
         finally:
             plan.request_id = str(access.get("id") or "")
-            outcome = capture.outcome(plan.served.name, time.monotonic() - started, access)
+            outcome = capture.outcome(plan.served.name, time.monotonic() - started, access, plan.path)
             if plan.primary_done is not None and not plan.primary_done.done():
                 plan.primary_done.set_result(outcome)
             if plan.route.mode is Mode.CANARY:
                 self._canary_done(plan, outcome)
 
-    @staticmethod
-    def _failed(plan: Plan, failure: UpstreamError) -> APIError:
-        """What the client gets when the only target for it failed: its refusal of a bad request as it
-        is, anything else as 502."""
-        if failure.status in CLIENT_FAULTS and failure.status not in NOT_CLIENT_FAULTS:
-            return APIError(
-                failure.status, str(failure).partition(": ")[2] or str(failure), code="upstream_refused"
-            )
-        return APIError(
-            502, f"The routing target {plan.served.name!r} failed: {failure}", code="upstream_error"
-        )
-
     async def _serve_on(self, target: Target, plan: Plan, scope: Scope, raw: bytes, receive: Receive,
                         capture: Capture, app: ASGIApp, access: dict) -> UpstreamError | None:  # fmt: skip
         """Serve the client from `target` (a candidate's breaker was asked by plan()); the error when an
         upstream failed before its first byte."""
-        if target.is_local:
-            await app(scope, replay(raw, receive), capture.send)
+        if target.is_local or plan.path in TRANSLATED_APIS:
+            scope["state"][ROUTE_TARGET] = None if target.is_local else target
+            try:
+                await app(scope, replay(raw, receive), capture.send)
+            except UpstreamError as exc:  # raised by the route before it answered
+                log.warning("routing target %s failed before the first byte: %s", target.name, exc)
+                return exc
             return None
         model = target.upstream_model(plan.model)
         try:
@@ -201,7 +198,8 @@ class RoutingService:
             return exc
         request_id = f"{'chatcmpl' if plan.path.startswith('chat') else 'cmpl'}-{_random_hex()}"
         body = {**plan.body, "model": plan.model}
-        await pass_through(target, opened, body, access, request_id, scope, receive, capture.send)
+        response = await upstream_response(target, opened, body, access, request_id)
+        await response(scope, receive, capture.send)
         return None
 
     # -- shadows --------------------------------------------------------------------------------------
@@ -221,8 +219,8 @@ class RoutingService:
     async def _shadow(self, plan: Plan, scope: Scope, app: ASGIApp) -> None:
         assert plan.shadow is not None and plan.primary_done is not None
         try:
-            if plan.shadow.is_local:
-                candidate = await self._call_local(plan, scope, app)
+            if plan.shadow.is_local or plan.path in TRANSLATED_APIS:
+                candidate = await self._call_app(plan, scope, app)
             else:
                 candidate = await call_upstream(plan.shadow, plan.path, plan.body)
             primary = await plan.primary_done
@@ -234,29 +232,46 @@ class RoutingService:
         self.metrics.shadow_requests.labels("ok" if candidate.ok else "error").inc()
         row = comparison_row("shadow", plan, primary, candidate, self.cfg.store_text)
         window = self.windows[plan.model]
-        primary_sample = guard_sample(primary, plan.body, None)
-        candidate_sample = guard_sample(candidate, plan.body, row.tool_call_agreement)
+        primary_sample = guard_sample(primary, plan.chat, None)
+        candidate_sample = guard_sample(candidate, plan.chat, row.tool_call_agreement)
         if primary.ok and primary_sample is not None and candidate_sample is not None:
             window.primary.append(primary_sample)
             window.candidate.append(candidate_sample)
         self._check_guards(plan)
         await asyncio.to_thread(self.store.add_comparison, row)
 
-    async def _call_local(self, plan: Plan, scope: Scope, app: ASGIApp) -> Outcome:
-        """The request streamed through this server's own app (admission included), as a client would."""
-        body = json.dumps(upstream_body(plan.body, plan.model, stream=True)).encode()
+    async def _call_app(self, plan: Plan, scope: Scope, app: ASGIApp) -> Outcome:
+        """The request streamed through this server's own app, as a client would: to the local engine
+        (admission included), or for Messages and Responses through their route to an upstream shadow."""
+        assert plan.shadow is not None
+        translated = plan.path in TRANSLATED_APIS
+        shadow = (
+            shadow_body(plan.path, plan.body)
+            if translated
+            else upstream_body(plan.body, plan.model, stream=True)
+        )
+        body = json.dumps(shadow).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"x-route")]
         access: dict[str, Any] = {}
-        sub = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())],
-               "state": {"api_key": plan.key, "access": access}}  # fmt: skip
+        state = {
+            "api_key": plan.key,
+            "access": access,
+            ROUTE_TARGET: None if plan.shadow.is_local else plan.shadow,
+        }
+        sub = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())], "state": state}
         capture = Capture(None)
         started = time.monotonic()
-        await app(sub, replay(body, None), capture.send)
-        return capture.outcome(plan.shadow.name, time.monotonic() - started, access)
+        try:
+            await app(sub, replay(body, None), capture.send)
+        except UpstreamError as exc:
+            failed = Outcome(plan.shadow.name, exc.status or 0, round(time.monotonic() - started, 4))
+            failed.error = str(exc)[:200]
+            return failed
+        return capture.outcome(plan.shadow.name, time.monotonic() - started, access, plan.path)
 
     # -- canary samples, guards and weights -----------------------------------------------------------
     def _canary_done(self, plan: Plan, outcome: Outcome) -> None:
-        sample = guard_sample(outcome, plan.body, None)
+        sample = guard_sample(outcome, plan.chat, None)
         if sample is None:
             return
         window = self.windows[plan.model]
@@ -333,8 +348,9 @@ class RoutingService:
         await asyncio.gather(*self.shadows, return_exceptions=True)
         await asyncio.gather(*self.writes, return_exceptions=True)
         for target in self.targets.values():
-            if target.client is not None:
-                await target.client.aclose()
+            for client in (target.client, target.messages_client):
+                if client is not None:
+                    await client.aclose()
         await asyncio.to_thread(self.store.close)
 
 

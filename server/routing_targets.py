@@ -1,6 +1,8 @@
 """Routing targets: the local engine, or an OpenAI-compatible upstream reached with the overflow's
 client (server/overflow_upstream.py), each upstream with its own circuit breaker. Here: serving a client
-from an upstream (the pass-through) and calling one for a shadow comparison."""
+from an upstream (the pass-through) and calling one for a shadow comparison of a chat or completions
+request (Messages and Responses requests reach an upstream through their route's translation:
+server/routes/translated_upstream.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
+from server.anthropic_upstream import MESSAGES_PATH, anthropic_client
 from server.config import ConfigError
 from server.overflow import CircuitBreaker, UpstreamConfig
 from server.overflow_upstream import (
@@ -27,13 +29,19 @@ from server.overflow_upstream import (
     stream_events,
 )
 from server.routing import LOCAL_TARGET, OVERFLOW_TARGET, RoutingConfig, TargetConfig
-from server.routing_compare import Outcome, read_outcome
+from server.routing_compare import Outcome
+from server.routing_read import read_outcome
+
+ROUTE_TARGET = (
+    "route_target"  # the scope state's key: the upstream Target a Messages / Responses route serves
+)
 
 
 @dataclass(slots=True, eq=False)
 class Target:
     name: str
     client: UpstreamClient | None = None  # None: the local engine
+    messages_client: UpstreamClient | None = None  # its own /v1/messages (anthropic_base_url), if any
     breaker: CircuitBreaker | None = None
     models: dict[str, str] | None = None  # client model id -> upstream id; None: the same id
     default_model: str | None = None
@@ -55,8 +63,13 @@ class Target:
     async def open(self, path: str, body: dict[str, Any]) -> Opened:
         """The upstream's answer once its first byte is in; its breaker learns the verdict."""
         assert self.client is not None and self.breaker is not None
+        client = (
+            self.messages_client
+            if path == MESSAGES_PATH and self.messages_client is not None
+            else self.client
+        )
         try:
-            opened = await self.client.open(path, body)
+            opened = await client.open(path, body)
         except UpstreamError as exc:
             if exc.breaker:
                 self.breaker.record_failure()
@@ -75,11 +88,13 @@ def _upstream(name: str, cfg: TargetConfig) -> Target:
         connect_timeout_s=cfg.connect_timeout_s,
         first_byte_timeout_s=cfg.first_byte_timeout_s,
         idle_timeout_s=cfg.idle_timeout_s,
+        budget_s=cfg.connect_timeout_s + cfg.first_byte_timeout_s,  # one attempt, its own timeouts
         retries=0,
     )
     return Target(
         name,
         UpstreamClient(cfg.base_url, api_key, upstream),
+        anthropic_client(cfg.anthropic_base_url, api_key, upstream) if cfg.anthropic_base_url else None,
         CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s),
         default_model=cfg.model,
         idle_timeout_s=cfg.idle_timeout_s,
@@ -96,9 +111,13 @@ def build_targets(cfg: RoutingConfig, overflow: Any) -> dict[str, Target]:
             raise ConfigError("routing names the 'overflow' target, but overflow is not enabled")
         policy = overflow.policy
         api_key = os.environ.get(policy.api_key_env, "")
+        upstream = replace(policy.upstream, retries=0)
         targets[OVERFLOW_TARGET] = Target(
             OVERFLOW_TARGET,
-            UpstreamClient(policy.base_url, api_key, replace(policy.upstream, retries=0)),
+            UpstreamClient(policy.base_url, api_key, upstream),
+            anthropic_client(policy.anthropic_base_url, api_key, upstream)
+            if policy.anthropic_base_url
+            else None,
             overflow.breaker,
             models=dict(policy.models),
             idle_timeout_s=policy.upstream.idle_timeout_s,
@@ -119,28 +138,27 @@ def upstream_body(body: dict[str, Any], model: str, *, stream: bool | None = Non
     return out
 
 
-async def pass_through(
+async def upstream_response(
     target: Target,
     opened: Opened,
     body: dict[str, Any],
     access: dict[str, Any],
     request_id: str,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Answer the client from an opened upstream response with the client's model id and our request id
-    (the overflow's pass-through), and fill the access fields the ledger reads."""
+    translation: Any = None,
+    prompt_tokens: int = 0,
+) -> Response:
+    """The client's answer from an opened upstream response, with the client's model id and our request
+    id (the overflow's pass-through; a `translation`, routes/translated_upstream.py, turns a chat answer
+    into another API's), and the access fields the ledger reads filled in."""
     model = str(body.get("model") or access.get("model") or "")
     stream = bool(body.get("stream"))
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-    tally = Tally(local_prompt_tokens=0)
+    tally = Tally(local_prompt_tokens=prompt_tokens)
     access.update(id=request_id, model=model, stream=stream, served_by=target.name,
                   upstream_model=target.upstream_model(model))  # fmt: skip
-    headers = {"X-Request-Id": request_id}
-    response: Response
     if stream:
-        rewriter = SseRewriter(model, request_id, bool(options.get("include_usage")), tally)
+        make_rewriter = translation.rewriter if translation is not None else SseRewriter
+        rewriter = make_rewriter(model, request_id, bool(options.get("include_usage")), tally)
 
         def on_close() -> None:
             if tally.ended is None and not rewriter.done:
@@ -150,17 +168,17 @@ async def pass_through(
             access.update(tally.access_fields())
 
         events = stream_events(opened, rewriter, target.idle_timeout_s)
-        response = UpstreamStream(events, opened, on_close, headers)
-    else:
-        try:
-            response = rewrite_json(await read_body(opened, target.idle_timeout_s), model, request_id, tally)
-        except UpstreamError as exc:
-            tally.ended = "error"
-            response = exc.api_error().response()
-        finally:
-            await opened.aclose()
-        access.update(tally.access_fields())
-    await response(scope, receive, send)
+        return UpstreamStream(events, opened, on_close, {"X-Request-Id": request_id})
+    rewrite = translation.rewrite_json if translation is not None else rewrite_json
+    try:
+        response = rewrite(await read_body(opened, target.idle_timeout_s), model, request_id, tally)
+    except UpstreamError as exc:
+        tally.ended = "error"
+        response = exc.api_error().response(translation.path if translation is not None else "")
+    finally:
+        await opened.aclose()
+    access.update(tally.access_fields())
+    return response
 
 
 async def call_upstream(target: Target, path: str, body: dict[str, Any]) -> Outcome:

@@ -1,4 +1,5 @@
-"""What a routed request leaves behind: its comparison row and the samples the rollback guards read."""
+"""What a routed request leaves behind: its comparison row, the samples the rollback guards read, and
+the routing metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from server.errors import APIError
+from server.overflow_upstream import UpstreamError
 from server.routing import Sample
 from server.routing_compare import Outcome, json_valid, rouge_l, tool_calls_agree, tool_calls_valid
 from server.routing_store import ComparisonRow
@@ -14,10 +19,21 @@ CLIENT_FAULTS = range(400, 500)
 NOT_CLIENT_FAULTS = {408, 429}  # 4xx statuses that say the target, not the request, is the problem
 
 
+def target_failed(target: str, failure: UpstreamError) -> APIError:
+    """What the client gets when the only target for it failed: its refusal of a bad request as it is,
+    anything else as 502."""
+    if failure.status in CLIENT_FAULTS and failure.status not in NOT_CLIENT_FAULTS:
+        return APIError(
+            failure.status, str(failure).partition(": ")[2] or str(failure), code="upstream_refused"
+        )
+    return APIError(502, f"The routing target {target!r} failed: {failure}", code="upstream_error")
+
+
 def guard_sample(outcome: Outcome, body: dict[str, Any], agreement: bool | None) -> Sample | None:
-    """The guards' view of one outcome; None when the request itself was at fault (a 4xx other than
-    408/429 says nothing about the target). `agreement`: the shadow's tool-call agreement with the
-    primary, which stands in for the tool calls' validity."""
+    """The guards' view of one outcome of a request (`body` in chat terms: the plan's chat view); None
+    when the request itself was at fault (a 4xx other than 408/429 says nothing about the target).
+    `agreement`: the shadow's tool-call agreement with the primary, which stands in for the tool calls'
+    validity."""
     if outcome.status in CLIENT_FAULTS and outcome.status not in NOT_CLIENT_FAULTS:
         return None
     tools = body.get("tools") if isinstance(body.get("tools"), list) else None
@@ -32,7 +48,7 @@ def comparison_row(
     kind: str, plan: Any, primary: Outcome | None, candidate: Outcome | None, store_text: bool
 ) -> ComparisonRow:
     """kind shadow: both outcomes; kind canary: the one that served (the other is None)."""
-    body = plan.body
+    body = plan.chat
     tools = body.get("tools") if isinstance(body.get("tools"), list) else None
     response_format = body.get("response_format")
     row = ComparisonRow(
@@ -59,3 +75,24 @@ def comparison_row(
     if store_text:
         row.prompt = json.dumps(body.get("messages", body.get("prompt")), ensure_ascii=False)
     return row
+
+
+class RoutingMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.shadow_requests = Counter(
+            "glm_serve:shadow_requests", "Shadow calls by result (ok, error, cancelled, breaker_open).",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "glm_serve:shadow_dropped", "Shadow calls not made: routing.shadow_max_in_flight reached.",
+            registry=registry,
+        )  # fmt: skip
+        self.canary_weight = Gauge(
+            "glm_serve:canary_weight", "The candidate's share (%) per model.", ["model"], registry=registry
+        )
+        self.rollbacks = Counter(
+            "glm_serve:rollbacks",
+            "Automatic rollbacks by model and guard.",
+            ["model", "guard"],
+            registry=registry,
+        )

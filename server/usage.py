@@ -24,15 +24,16 @@ import sqlite3
 import threading
 import time
 from contextlib import closing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, Request
 
 from server.config import ANONYMOUS_KEY, Config, ConfigError
+from server.config_schema import build_section
 from server.logs import request_id_of
-from server.usage_schema import SchemaTooNew, migrate
+from server.usage_schema import open_state_db
 
 log = logging.getLogger("glm_serve.usage")
 METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
@@ -129,17 +130,12 @@ def _parse_prices(section: Any) -> dict[str, dict[str, Price]]:
 
 def parse_usage_config(section: dict[str, Any] | None) -> UsageConfig:
     """The `usage:` section of a profile, checked; prices merge over DEFAULT_PRICES."""
-    values = dict(section or {})
-    if not isinstance(section or {}, dict):
-        raise ConfigError("usage must be a mapping")
-    _check_keys(values, {f.name for f in fields(UsageConfig)}, "usage")
-    values["prices"] = _parse_prices(values.get("prices"))
-    cfg = UsageConfig(**values)
+    values = dict(section) if isinstance(section, dict) else section
+    prices = _parse_prices(values.pop("prices", None) if isinstance(values, dict) else None)
+    cfg: UsageConfig = replace(build_section(UsageConfig, values, "usage"), prices=prices)
     if cfg.batch_size < 1:
         raise ConfigError("usage.batch_size must be >= 1")
-    if cfg.gpu_hour_usd is not None and (
-        not isinstance(cfg.gpu_hour_usd, int | float) or cfg.gpu_hour_usd < 0
-    ):
+    if cfg.gpu_hour_usd is not None and cfg.gpu_hour_usd < 0:
         raise ConfigError("usage.gpu_hour_usd must be a number >= 0 (or null)")
     return cfg
 
@@ -175,27 +171,13 @@ INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 _STOP = object()
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
-
-
 class UsageLedger:
     """SQLite writer off the request path: submit() queues a row; one thread commits batches."""
 
     def __init__(self, path: Path, batch_size: int = 64) -> None:
         self.path = path
         self.batch_size = batch_size
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = connect(path)
-            migrate(self._db, path)
-        except SchemaTooNew as exc:
-            raise ConfigError(f"usage ledger: {exc}") from None
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"usage ledger {path}: {exc}") from None
+        self._db = open_state_db(path, "usage ledger")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -207,7 +189,7 @@ class UsageLedger:
 
     def submit(self, row: UsageRow) -> None:
         if self._closed:  # a straggler after shutdown: written at once, not lost
-            with closing(connect(self.path)) as db, db:
+            with closing(open_state_db(self.path, "usage ledger")) as db, db:
                 db.execute(INSERT, _values(row))
             return
         self._queue.put(row)

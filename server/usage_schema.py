@@ -1,4 +1,5 @@
-"""The state database's schema, versioned with SQLite's `PRAGMA user_version`.
+"""The state database's schema, versioned with SQLite's `PRAGMA user_version`: the usage ledger and the
+routing tables (comparisons, rollback events, runtime weights) live in one file, at usage.path.
 
 MIGRATIONS is the whole history: migration N takes a database at version N-1 to version N, and
 SCHEMA_VERSION is the last one. migrate() runs the missing ones at open, each in its own transaction
@@ -15,6 +16,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.config import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "usage.api: which API the request came through (chat | completions | messages | responses)",
         ("ALTER TABLE usage ADD COLUMN api TEXT",),
+    ),
+    Migration(
+        3,
+        "routing (server/routing_store.py): one comparison row per shadow pair or canary request, rollback "
+        "events, and the canary weights set at runtime",
+        (
+            "CREATE TABLE comparisons (id INTEGER PRIMARY KEY, ts REAL, kind TEXT, model TEXT, endpoint TEXT, "
+            "request_id TEXT, key_id TEXT, primary_target TEXT, candidate_target TEXT, served TEXT, "
+            "prompt_tokens INTEGER, primary_status INTEGER, candidate_status INTEGER, primary_ttft_s REAL, "
+            "candidate_ttft_s REAL, primary_latency_s REAL, candidate_latency_s REAL, primary_tokens INTEGER, "
+            "candidate_tokens INTEGER, primary_finish TEXT, candidate_finish TEXT, candidate_error TEXT, "
+            "tool_call_agreement INTEGER, primary_json_valid INTEGER, candidate_json_valid INTEGER, "
+            "similarity REAL, prompt TEXT, primary_text TEXT, candidate_text TEXT)",
+            "CREATE INDEX comparisons_ts ON comparisons (ts)",
+            "CREATE TABLE rollbacks (id INTEGER PRIMARY KEY, ts REAL, model TEXT, target TEXT, guard TEXT, "
+            "detail TEXT, weight_before REAL)",
+            "CREATE TABLE weights (model TEXT PRIMARY KEY, weight REAL, updated_at REAL, source TEXT)",
+        ),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -80,3 +101,19 @@ def migrate(db: sqlite3.Connection, path: Path) -> int:
             db.rollback()
             raise
     return found
+
+
+def open_state_db(path: Path, what: str) -> sqlite3.Connection:
+    """A connection to the state database at `path`, created or migrated to SCHEMA_VERSION; `what` names
+    its user (the usage ledger, the routing store) in the ConfigError for a file it cannot use."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        migrate(db, path)
+    except SchemaTooNew as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+    return db

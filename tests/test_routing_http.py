@@ -27,6 +27,7 @@ from server.routing_report import main as routing_main
 from server.usage import UsageConfig
 from server.usage_report import build_report as usage_report
 from tests.conftest import ServerHandle, http_config, metric_value, start_server, wait_until
+from tests.test_overflow_anthropic import TEXT, fake_anthropic  # noqa: F401  (a fixture)
 from tests.test_overflow_http import Dial
 
 MODEL = "glm-5"
@@ -34,7 +35,7 @@ UPSTREAM_KEY_ENV, UPSTREAM_KEY = "GLM_SERVE_TEST_ROUTING_KEY", "sk-routing-upstr
 USER, SOVEREIGN, ADMIN = "sk-user", "sk-sovereign", "sk-admin"
 CANARY_KEYS = [f"sk-canary-{i:02d}" for i in range(20)]
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-IDS = re.compile(rb'"(id|created)":\s*("[^"]*"|\d+)')
+IDS = re.compile(rb'"(id|item_id|created|created_at)":\s*("[^"]*"|\d+)')
 
 
 @dataclass
@@ -72,7 +73,7 @@ def served_requests(handle: ServerHandle) -> float:
     text = httpx.get(f"{handle.url}/metrics", timeout=30).text
     return sum(
         metric_value(text, "glm_serve:http_requests_total", route=route, status=status) or 0.0
-        for route in ("/v1/chat/completions", "/v1/completions")
+        for route in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
         for status in ("200", "500", "499")
     )
 
@@ -112,7 +113,7 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
         return {"base_url": url, "api_key_env": UPSTREAM_KEY_ENV, "first_byte_timeout_s": 30, **timeouts}
 
     def make(restart_of: Front | None = None, guards: dict | None = None, max_in_flight: int = 16,
-             hole_first_byte_s: float = 0.3, **route: Any) -> Front:  # fmt: skip
+             hole_first_byte_s: float = 0.3, anthropic_url: str | None = None, **route: Any) -> Front:  # fmt: skip
         if restart_of is not None:
             restart_of.handle.stop()
             cfg = restart_of.cfg
@@ -124,21 +125,23 @@ def front(loop_thread, engine, upstreams, black_hole, tmp_path) -> Iterator[Call
                 admin_keys=[ADMIN],
             )
             cfg.extra["usage"] = {"path": str(tmp_path / "usage.sqlite")}
+            cfg.extra["agent_apis"] = {"responses_path": str(tmp_path / "responses.sqlite")}
             cfg.extra["routing"] = {
                 "enabled": True,
-                "path": str(tmp_path / "routing.sqlite"),
                 "shadow_max_in_flight": max_in_flight,
                 "targets": {
                     "a": target(f"{upstreams['a'].url}/v1"),
                     "b": target(f"{upstreams['b'].url}/v1"),
                     "hole": target(black_hole, first_byte_timeout_s=hole_first_byte_s, connect_timeout_s=0.5),
+                    # speaks Anthropic's Messages API only (tests/test_overflow_anthropic.py: FakeAnthropic)
+                    "claude": target(black_hole, anthropic_base_url=anthropic_url or black_hole),
                 },
                 "models": {MODEL: {"primary": "a", "candidate": "b", **route}},
                 "guards": guards or {},
             }
         handle = start_server(loop_thread, create_app(cfg, Dial(engine), manage_engine=False))
         started.append(handle)
-        return Front(handle, tmp_path / "routing.sqlite", cfg, tmp_path / "usage.sqlite")
+        return Front(handle, tmp_path / "usage.sqlite", cfg, tmp_path / "usage.sqlite")
 
     yield make
     for handle in started:
@@ -200,6 +203,75 @@ def test_shadow_keeps_the_primary_bytes_and_compares_every_request(front, upstre
     assert (report["pairs"][0]["primary"], report["pairs"][0]["candidate"]) == ("a", "b")
     assert shadow["requests"] == len(BODIES) and shadow["similarity_mean"] == 1.0
     assert shadow["candidate_errors"] == 0 and shadow["latency_s"]["p95_ratio"] is not None
+
+
+AGENT_BODIES = [
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": MESSAGES}),
+    ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": MESSAGES, "stream": True}),
+    ("/v1/responses", {"input": "Name three colours.", "max_output_tokens": 6}),
+    ("/v1/responses", {"input": "Name three colours.", "max_output_tokens": 6, "stream": True}),
+]
+
+
+def test_messages_and_responses_are_shadowed_and_canaried_through_their_translation(front, upstreams):
+    """The upstream targets speak chat completions: the route translates each request for them and their
+    answers back, shadowing leaves the client's bytes as they were, and each request leaves one row."""
+    f = front(mode="shadow", weight=0)
+    for _ in range(2):  # the second round finds the prompts in the prefix cache, as the shadowed round will
+        unshadowed = [
+            normalized(f.post(path, {**body, "temperature": 0}).content) for path, body in AGENT_BODIES
+        ]
+    assert f.admin(model=MODEL, weight=100).status_code == 200
+    for i, (path, body) in enumerate(AGENT_BODIES):
+        response = f.post(path, {**body, "temperature": 0})
+        assert response.status_code == 200 and response.headers["x-served-by"] == "a"
+        assert normalized(response.content) == unshadowed[i]  # byte for byte, ids and times aside
+        assert wait_until(lambda n=i + 1: len(f.rows()) == n, timeout=60)
+    for row, (path, _) in zip(f.rows(), AGENT_BODIES, strict=True):
+        assert (row["endpoint"], row["primary_status"], row["candidate_status"]) == (path, 200, 200)
+        assert row["candidate_error"] is None and row["similarity"] == 1.0
+        assert row["primary_tokens"] == row["candidate_tokens"] == 6 and row["primary_finish"] == "length"
+    with sqlite3.connect(f.store.parent / "responses.sqlite") as db:  # the shadows stored nothing
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 2 * 2 + 2
+
+    seen = served_requests(upstreams["a"]), served_requests(upstreams["b"])
+    sovereign = f.post(*AGENT_BODIES[0], key=SOVEREIGN)
+    assert sovereign.status_code == 200 and sovereign.headers["x-served-by"] == "local"
+    assert (served_requests(upstreams["a"]), served_requests(upstreams["b"])) == seen
+
+    f = front(mode="canary", weight=100, candidate="hole")  # the candidate never answers: a serves
+    for path, body in AGENT_BODIES:
+        response = f.post(path, body)
+        assert response.status_code == 200 and response.headers["x-served-by"] == "a"
+    assert {r["candidate_error"] is not None for r in f.rows() if r["served"] == "candidate"} == {True}
+
+
+def test_messages_go_to_a_target_that_speaks_them_in_their_own_api(front, fake_anthropic):  # noqa: F811
+    fake, upstream = fake_anthropic
+    path, body = AGENT_BODIES[0]
+    f = front(mode="canary", weight=100, candidate="claude", anthropic_url=upstream.url)
+    for stream in (False, True):
+        response = f.post(path, {**body, "stream": stream})
+        assert response.status_code == 200 and response.headers["x-served-by"] == "claude"
+        assert fake.seen[-1][1] == {**body, "model": MODEL, "stream": stream}  # as sent, the model mapped
+    assert json.loads(f.post(path, body).content)["content"][0]["text"] == TEXT
+    assert wait_until(lambda: len(f.rows()) == 3)
+    for row in f.rows():
+        assert (row["served"], row["candidate_status"], row["candidate_tokens"]) == ("candidate", 200, 3)
+        assert row["candidate_finish"] == "stop" and row["endpoint"] == "/v1/messages"
+
+    f = front(mode="shadow", weight=100, candidate="claude", anthropic_url=upstream.url)
+    response = f.post(path, {**body, "temperature": 0})
+    assert response.headers["x-served-by"] == "a" and TEXT not in response.text  # the primary's answer
+    shadows = lambda: [r for r in f.rows() if r["kind"] == "shadow"]  # noqa: E731  (f's store holds the canary's too)
+    assert wait_until(lambda: len(shadows()) == 1)
+    row = shadows()[0]
+    assert (row["kind"], row["candidate_status"], row["candidate_tokens"], row["primary_tokens"]) == (
+        "shadow",
+        200,
+        3,
+        6,
+    )
 
 
 def test_canary_share_is_the_weight_and_each_key_stays_on_its_side(front):

@@ -29,6 +29,10 @@ def thinking_signature(thinking: str) -> str:
     return "glm-serve-" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
 
 
+CHAT_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+"""Anthropic's stop_reason in chat terms (finish_reason): the inverse of stop_fields."""
+
+
 def stop_fields(outcome: Outcome) -> tuple[str | None, str | None]:
     """(stop_reason, stop_sequence) in Anthropic's terms."""
     if outcome.finish_reason == "tool_calls":

@@ -51,6 +51,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
     translated = TranslatedRequest(
         id_prefix="msg", chat=to_chat_request(body), model=served,
         make_encoder=lambda request_id: AnthropicEncoder(request_id, body.model), reasoning_budget=budget,
+        native_body=await request.json(),
     )  # fmt: skip
     return await serve_translated(request, translated)
 

@@ -22,6 +22,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from server import tracing
+from server.anthropic_upstream import MESSAGES_PATH, anthropic_client
 from server.config import Config, ConfigError
 from server.errors import APIError
 from server.logs import request_id_of, upstream_headers
@@ -88,6 +89,11 @@ class OverflowService:
             policy.circuit_breaker.failures, policy.circuit_breaker.cooldown_s, clock
         )
         self.client = UpstreamClient(policy.base_url, api_key, policy.upstream, transport=transport)
+        self.messages_client = (  # the upstream's own /v1/messages, when configured
+            anthropic_client(policy.anthropic_base_url, api_key, policy.upstream)
+            if policy.anthropic_base_url
+            else None
+        )
         metrics.overflow_circuit_open.set_function(lambda: float(self.breaker.is_open()))
         for reason in Reason:
             metrics.overflow_requests.labels(reason.value)
@@ -129,7 +135,10 @@ class OverflowService:
         include_usage = stream and bool(stream_options.get("include_usage"))
         remote = self.policy.models[model]
         body["model"] = remote
-        if stream:  # the ledger needs the upstream's token counts; the client sees them only if it asked
+        native = path == MESSAGES_PATH  # the upstream's own Messages API: the body goes as the client sent it
+        if (
+            stream and not native
+        ):  # the ledger needs the upstream's token counts; the client sees them if it asked
             body["stream_options"] = {**stream_options, "include_usage": True}
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         assert decision.reason is not None
@@ -144,7 +153,8 @@ class OverflowService:
         tally = Tally(local_prompt_tokens=prompt_tokens)
         call = tracing.start_span("upstream call", **{"glm_serve.upstream_model": remote})
         headers = upstream_headers(access, call, request.headers)  # X-Request-Id, traceparent
-        attempt = self.client.open(
+        client = self.messages_client if native and self.messages_client is not None else self.client
+        attempt = client.open(
             path, body, headers, budget_s=budget, on_failure=lambda _: self.breaker.record_failure()
         )
         try:
@@ -246,3 +256,5 @@ class OverflowService:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self.messages_client is not None:
+            await self.messages_client.aclose()

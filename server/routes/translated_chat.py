@@ -6,8 +6,8 @@ format); serve_translated() does the rest exactly as the chat route does: the sa
 output budget and sampling params (prepare_chat), admission and overflow, one engine generation with its
 metrics and usage (Generation), and the GLM output parser. Only the encoder differs per API: it turns
 the parsed MessageDeltas into the API's stream events, or the final message into its response object.
-An overflowed request goes upstream as that chat completion and comes back through the same encoder
-(server/routes/translated_upstream.py)."""
+An overflowed request, or one that routing sends to an upstream target, goes upstream as that chat
+completion and comes back through the same encoder (server/routes/translated_upstream.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from server.routes.deps import admit, get_state, ready_engine, serve_overflow
 from server.routes.generation import Generation, respond
 from server.routes.reasoning_budget import ReasoningBudget
 from server.routes.sse import stream_error
-from server.routes.translated_upstream import UpstreamTranslation
+from server.routes.translated_upstream import serve_on_target, upstream_call
+from server.routing_targets import ROUTE_TARGET
 
 KEEPALIVE_S = 10.0  # a stream silent this long gets the API's keep-alive event (Anthropic: ping)
 
@@ -43,6 +44,8 @@ class TranslatedRequest:
     model: str  # the served model's name (the ledger's); the encoder names the model the client asked for
     make_encoder: EncoderFactory
     reasoning_budget: int | None = None  # at most this many reasoning tokens (routes/reasoning_budget.py)
+    # the request as the client sent it, for an upstream that speaks its API (Messages: anthropic_base_url)
+    native_body: dict[str, Any] | None = None
 
 
 async def serve_translated(request: Request, translated: TranslatedRequest) -> Response:
@@ -51,13 +54,17 @@ async def serve_translated(request: Request, translated: TranslatedRequest) -> R
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     chat = translated.chat
     prepared = await prepare_chat(chat, engine, state)
+    body = chat.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    target = request.scope.get("state", {}).get(ROUTE_TARGET)
+    if target is not None:  # routing sends it to an upstream target (server/routing_agents.py)
+        return await serve_on_target(target, request, translated, body, len(prepared.prompt_ids))
     queued_tokens = len(prepared.prompt_ids)
     decision = admit(state, engine, request, sequences=1, tokens=queued_tokens)
+    native = getattr(state.overflow, "messages_client", None) is not None
+    path, body, translation = upstream_call(translated, body, native, request.url.path)
     overflowed = await serve_overflow(
-        state, engine, request, decision, path="chat/completions", prompt_tokens=len(prepared.prompt_ids),
-        sequences=1, tokens=queued_tokens, id_prefix=translated.id_prefix,
-        body=chat.model_dump(mode="json", exclude_unset=True, exclude_none=True),
-        translation=UpstreamTranslation(translated.make_encoder, request.url.path),
+        state, engine, request, decision, path=path, prompt_tokens=len(prepared.prompt_ids),
+        sequences=1, tokens=queued_tokens, id_prefix=translated.id_prefix, body=body, translation=translation,
     )  # fmt: skip
     if overflowed is not None:
         return overflowed

@@ -1,21 +1,31 @@
-"""An overflowed Anthropic or Responses request: it went upstream as a chat completion; its answer (a
-chat.completion, or chat.completion.chunk events) comes back through the API's own encoder, so the client
-sees the same wire format whether it was served locally or upstream. The tally (usage, finish reasons,
-first content) is kept as for a chat request, so the ledger row is the same."""
+"""An overflowed (or routed) Anthropic or Responses request: it went upstream as a chat completion; its
+answer (a chat.completion, or chat.completion.chunk events) comes back through the API's own encoder, so
+the client sees the same wire format whether it was served locally or upstream. A /v1/messages request
+goes to an upstream's own Messages API instead when one is configured (server/anthropic_upstream.py).
+The tally (usage, finish reasons, first content) is kept as for a chat request, so the ledger row is the
+same."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
+from server.anthropic_upstream import MESSAGES_PATH, NativeMessages
 from server.errors import APIError
 from server.overflow_upstream import Tally, UpstreamError
 from server.protocol import AssistantMessage, DeltaToolCall
 from server.routes.api_encoder import ApiEncoder, EncoderFactory, Outcome
 from server.routes.chat_output import MessageDelta
+from server.routing_targets import Target, upstream_body, upstream_response
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from server.routes.translated_chat import TranslatedRequest
 
 
 class UpstreamTranslation:
@@ -42,6 +52,35 @@ class UpstreamTranslation:
         outcome = _outcome(choice.get("finish_reason"), tally)
         encoder = self.make_encoder(request_id)
         return JSONResponse(encoder.complete(message, outcome), headers={"X-Request-Id": request_id})
+
+
+def upstream_call(
+    translated: TranslatedRequest, chat: dict[str, Any], native: bool, path: str
+) -> tuple[str, dict[str, Any], UpstreamTranslation | NativeMessages]:
+    """(upstream path, body, translation): the request in its own API for an upstream that speaks it
+    (`native`: /v1/messages to an anthropic_base_url), else the chat completion it translates into.
+    `path` is the client's route (errors take its API's shape)."""
+    if native and translated.native_body is not None:
+        return MESSAGES_PATH, translated.native_body, NativeMessages(str(translated.native_body.get("model")))
+    return "chat/completions", chat, UpstreamTranslation(translated.make_encoder, path)
+
+
+async def serve_on_target(
+    target: Target, request: Request, translated: TranslatedRequest, chat: dict[str, Any], prompt_tokens: int
+) -> Response:
+    """A routed Messages or Responses request served by an upstream routing target: as the chat completion
+    `chat`, or in its own API (upstream_call). A failure before the first byte raises UpstreamError: the
+    routing layer falls back (canary) or answers it, as for a chat request; nothing has been sent yet."""
+    access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
+    request_id = f"{translated.id_prefix}_{uuid.uuid4().hex}"
+    native = target.messages_client is not None
+    path, sent, translation = upstream_call(translated, chat, native, request.url.path)
+    model = target.upstream_model(translated.model)
+    opened = await target.open(
+        path, {**sent, "model": model} if path == MESSAGES_PATH else upstream_body(sent, model)
+    )
+    body = {**chat, "model": translated.model}
+    return await upstream_response(target, opened, body, access, request_id, translation, prompt_tokens)
 
 
 class TranslatingRewriter:

@@ -15,13 +15,13 @@ by h11 (server.max_header_bytes); server/cli.py passes both."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.asgi_body import ParsedBody, replay
 from server.config import ServerConfig
 from server.errors import (
     APIError,
@@ -33,7 +33,7 @@ from server.errors import (
 )
 
 QUIET_PATHS = frozenset({"/health", "/metrics"})  # not in-flight work: never refused for load here
-POOL_CHECK_BYTES = 64 * 1024  # bodies larger than this are parsed for the checks in the front-end pool
+POOL_PARSE_BYTES = 64 * 1024  # bodies larger than this are parsed (and checked) in the front-end pool
 SMALL_BODY_BYTES = 64 * 1024  # each body's first bytes: outside max_pending_body_bytes, so small requests
 # always get through while large half-sent bodies hold the shared allowance
 
@@ -77,7 +77,7 @@ class RequestGuard:
             return
         try:
             body = await self._read_body(scope, receive)
-            await self._check_json(body)
+            await self._check_json(scope, body)
         except _ClientGone:
             scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
             return
@@ -97,7 +97,7 @@ class RequestGuard:
             self.serving.in_flight += 1
             self.per_key[key] += 1
         try:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
         finally:
             if counted:
                 self.serving.in_flight -= 1
@@ -140,15 +140,18 @@ class RequestGuard:
         finally:
             self.pending_body_bytes -= max(0, held - SMALL_BODY_BYTES)
 
-    async def _check_json(self, body: bytes) -> None:
+    async def _check_json(self, scope: Scope, body: bytes) -> None:
+        """A large body is parsed and checked in the front-end pool, and its parse kept for the route
+        (server/asgi_body.py); a small one is checked here only when cheap byte counts say it might fail."""
         depth = self.limits.max_json_depth
-        if not needs_json_check(body, depth):
-            return
         pool = getattr(self.serving, "pool", None)
-        if pool is not None and len(body) > POOL_CHECK_BYTES:
-            problem = await pool.run(json_problem, body, depth)
+        if pool is not None and len(body) > POOL_PARSE_BYTES:
+            parsed, problem = await pool.run(parse_and_check, body, depth)
+            parsed.store(scope)
+        elif needs_json_check(body, depth):
+            _, problem = parse_and_check(body, depth)
         else:
-            problem = json_problem(body, depth)
+            problem = None
         if problem is not None:
             raise problem
 
@@ -167,20 +170,6 @@ class RequestGuard:
         return None
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body already read, as one message; after it, the connection's own messages (disconnect)."""
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
 def needs_json_check(body: bytes, max_depth: int) -> bool:
     """Could this body nest too deep or carry a lone surrogate? Cheap byte counts answer no for most."""
     if not body:
@@ -188,15 +177,18 @@ def needs_json_check(body: bytes, max_depth: int) -> bool:
     return b"\\u" in body or body.count(b"[") + body.count(b"{") > max_depth
 
 
-def json_problem(body: bytes, max_depth: int) -> APIError | None:
-    """A 400 for JSON nested deeper than max_depth or holding a string UTF-8 cannot encode; None when the
-    body is fine or is not JSON at all (the route's own parser answers that)."""
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        return _too_deep(max_depth)
-    except ValueError:
-        return None
+def parse_and_check(body: bytes, max_depth: int) -> tuple[ParsedBody, APIError | None]:
+    """The body parsed, and a 400 for JSON nested deeper than max_depth or holding a string UTF-8 cannot
+    encode; no 400 when the body is fine or is not JSON at all (the route's own parser answers that)."""
+    parsed = ParsedBody.parse(body)
+    if isinstance(parsed.error, RecursionError):
+        return parsed, _too_deep(max_depth)
+    if parsed.error is not None:
+        return parsed, None
+    return parsed, value_problem(parsed.value, max_depth)
+
+
+def value_problem(value: Any, max_depth: int) -> APIError | None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()

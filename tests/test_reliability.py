@@ -14,11 +14,12 @@ import time
 
 import pytest
 
+from server.asgi_body import ParsedBodyRequest
 from server.chat_template import render_and_encode
 from server.engine_api import Load
 from server.errors import APIError, TracebackBudget, bad_request
 from server.frontend_pool import FrontendPool
-from server.http_guard import json_problem, needs_json_check
+from server.http_guard import needs_json_check, parse_and_check
 from server.overflow import QueueRoom
 from server.scheduler.request import Request, SamplingParams
 from server.scheduler.waiting import WaitingQueue
@@ -29,6 +30,10 @@ from tests.test_scheduler import make_request, make_scheduler, step
 # -- the request guard's JSON checks ---------------------------------------------------------------------
 def nested(depth: int) -> bytes:
     return ("[" * depth + "]" * depth).encode()
+
+
+def json_problem(body: bytes, max_depth: int) -> APIError | None:
+    return parse_and_check(body, max_depth)[1]
 
 
 def test_json_nested_past_the_limit_is_a_400_even_past_the_parser_recursion_limit():
@@ -44,6 +49,31 @@ def test_lone_surrogates_in_values_or_keys_are_a_400_and_pairs_are_fine():
         assert problem is not None and problem.code == "invalid_unicode", body
     assert json_problem(b'{"content": "\\ud83d\\ude00 \\u00e9"}', 64) is None
     assert json_problem(b"not json", 64) is None  # the route's own parser answers that one
+
+
+def test_the_parse_kept_for_the_route_is_its_value_or_the_very_error_json_raises():
+    parsed, problem = parse_and_check(b'{"a": [1, "x"]}', 64)
+    assert problem is None and parsed.value == {"a": [1, "x"]} and parsed.error is None
+    for broken in (b'{"a": ', b"\xff\xfe"):
+        parsed, problem = parse_and_check(broken, 64)
+        with pytest.raises(type(parsed.error)):
+            json.loads(broken)
+        assert problem is None and isinstance(parsed.error, ValueError)
+
+
+def test_a_route_reads_the_parse_kept_for_its_body_and_parses_any_other_body_itself():
+    parsed, _ = parse_and_check(b'{"a": 1}', 64)
+
+    def request_for(body: bytes) -> ParsedBodyRequest:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "headers": [], "state": {}}
+        parsed.store(scope)
+        return ParsedBodyRequest(scope, receive)
+
+    assert asyncio.run(request_for(b'{"a": 1}').json()) is parsed.value  # not parsed again
+    assert asyncio.run(request_for(b'{"a": 2}').json()) == {"a": 2}
 
 
 def test_cheap_prefilter_skips_ordinary_bodies():

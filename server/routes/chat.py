@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.asgi_body import ParsedBodyRoute
 from server.chat_template import (
     add_json_object_hint,
     check_template_kwargs,
@@ -54,7 +55,7 @@ from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 from server.scheduler.request import SamplingParams
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.asgi_body import ParsedBodyRoute
 from server.chat_template import encode_prompt
 from server.engine_api import GenerateRequest, TokenLogprob
 from server.errors import bad_request
@@ -30,7 +31,7 @@ from server.routes.sampling import check_common_fields, resolve_max_tokens, to_s
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 @dataclass(slots=True)

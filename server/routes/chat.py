@@ -44,6 +44,7 @@ from server.routes.deps import (
     check_batch_size,
     check_model,
     check_prompt_tokens,
+    client_of,
     get_state,
     ready_engine,
     run_in_pool,
@@ -97,7 +98,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         request_id, created, model, prepared.top_logprobs, include_usage, processors, encoder
     )
     generate_request = GenerateRequest(
-        request_id, prepared.prompt_ids, prepared.params, n=body.n, arrival_time=time.monotonic()
+        request_id,
+        prepared.prompt_ids,
+        prepared.params,
+        n=body.n,
+        arrival_time=time.monotonic(),
+        client=client_of(request, request_id),
     )
     generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
     return await respond(

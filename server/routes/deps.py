@@ -104,6 +104,13 @@ def request_key(request: Request) -> ApiKey:
     return request.scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
 
 
+def client_of(request: Request, request_id: str) -> str:
+    """Who the engine's waiting queue takes turns between (GenerateRequest.client): the API key, or with no
+    keys configured each HTTP request on its own (so a completions batch is one client, not 64)."""
+    key = request_key(request)
+    return request_id if key.key_id == ANONYMOUS_KEY.key_id else f"key:{key.key_id}"
+
+
 def check_batch_size(state: ServingState, *, prompts: int, n: int) -> None:
     """400 for more prompts, or more sequences (n x prompts), than one request may ask for."""
     server = state.config.server

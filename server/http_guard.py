@@ -1,6 +1,9 @@
-"""The front door of every request, before routing: bodies and in-flight work are bounded.
+"""The front door of every request, before routing: connections, bodies and in-flight work are bounded.
 
-RequestGuard reads the whole body first, within body_read_timeout_s (408 past it) and max_body_bytes
+Past server.max_connections a request gets 503 (with Retry-After, and Connection: close to shed the
+connection): open connections as uvicorn counts them (server/cli.py gives the guard that count), or
+requests under way here, bodies still arriving included. RequestGuard then reads the whole body first,
+within body_read_timeout_s (408 past it) and max_body_bytes
 (413, by Content-Length at once or as soon as the bytes pass it); all bodies still arriving together
 hold at most max_pending_body_bytes beyond their first 64 KiB each (503 past it), so half-sent bodies
 cannot grow the process, and small requests still pass while they stall. A JSON body nested deeper than
@@ -9,8 +12,7 @@ before pydantic, a template or a tokenizer can fail on it. Only then does the re
 flight: past max_in_flight_requests it gets 503, past the per-key limit 429 (both with Retry-After).
 So a client that sends half a body holds no in-flight slot and the drain never waits for it.
 
-Connections themselves are capped by uvicorn (server.max_connections -> limit_concurrency) and headers
-by h11 (server.max_header_bytes); server/cli.py passes both."""
+Headers are bounded by h11 (server.max_header_bytes); server/cli.py passes it to uvicorn."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ SMALL_BODY_BYTES = 64 * 1024  # each body's first bytes: outside max_pending_bod
 
 @dataclass(frozen=True, slots=True)
 class GuardLimits:
+    max_connections: int
     max_body_bytes: int
     body_read_timeout_s: float
     max_in_flight: int
@@ -50,7 +53,7 @@ class GuardLimits:
     @classmethod
     def from_server(cls, server: ServerConfig) -> GuardLimits:
         return cls(
-            server.max_body_bytes, server.body_read_timeout_s, server.max_in_flight_requests,
+            server.max_connections, server.max_body_bytes, server.body_read_timeout_s, server.max_in_flight_requests,
             server.max_concurrent_requests_per_key, server.max_json_depth, server.max_pending_body_bytes,
         )  # fmt: skip
 
@@ -70,11 +73,36 @@ class RequestGuard:
         self.limits = limits
         self.per_key: Counter[str] = Counter()
         self.pending_body_bytes = 0  # bytes of bodies still arriving, all connections together
+        self.under_way = 0  # requests past the connection check and not yet answered (quiet paths aside)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] in QUIET_PATHS:
+            await self._serve(scope, receive, send, counted=False)
+            return
+        if self._too_many_connections():
+            limit = self.limits.max_connections
+            refusal = APIError(
+                503, f"The server has {limit} connections open, its limit; retry shortly.",
+                code="too_many_connections", headers={"Retry-After": "1", "Connection": "close"},
+            )  # fmt: skip
+            await refusal.response(scope["path"])(scope, receive, send)
+            return
+        self.under_way += 1
+        try:
+            await self._serve(scope, receive, send, counted=True)
+        finally:
+            self.under_way -= 1
+
+    def _too_many_connections(self) -> bool:
+        """uvicorn's open connections (this one included), or the requests under way here (others)."""
+        count = self.serving.open_connections
+        connections = count() if count is not None else 0
+        return connections > self.limits.max_connections or self.under_way >= self.limits.max_connections
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, counted: bool) -> None:
         try:
             body = await self._read_body(scope, receive)
             await self._check_json(scope, body)
@@ -87,7 +115,6 @@ class RequestGuard:
         except APIError as error:
             await error.response(scope["path"])(scope, receive, send)
             return
-        counted = scope["path"] not in QUIET_PATHS
         key = getattr(scope.get("state", {}).get("api_key"), "key_id", "anonymous")
         if counted:
             refusal = self._refusal(key)

@@ -35,7 +35,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_serve(tmp_path: Path, **env: str) -> ServeProcess:
+def start_serve(tmp_path: Path, engine_factory: str = ENGINE_FACTORY, **env: str) -> ServeProcess:
     """A serve process on a free port with `env` added (GLM_SERVE_* settings), its ledger and log in
     tmp_path; returns once /health answers 200."""
     port = free_port()
@@ -43,7 +43,7 @@ def start_serve(tmp_path: Path, **env: str) -> ServeProcess:
                "PYTHONPATH": str(REPO), **env}  # fmt: skip
     log_path = tmp_path / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(TEST_PROFILE), "--port", str(port),
-           "--served-model-name", "drain-test", "--engine-factory", ENGINE_FACTORY]  # fmt: skip
+           "--served-model-name", "drain-test", "--engine-factory", engine_factory]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
     server = ServeProcess(proc, port, log_path)

@@ -5,6 +5,7 @@ in the queue counted in sequences and tokens)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class ServingState:
     sampling_defaults: SamplingDefaults = NO_DEFAULTS  # from the model's generation_config.json
     pool: FrontendPool | None = None  # rendering and tokenizing off the event loop (None: inline, tests)
     routing: Any = None  # routing_service.py RoutingService; None: routing off
+    open_connections: Callable[[], int] | None = None  # uvicorn's count (server/cli.py); None: not known
 
     @property
     def status(self) -> str:

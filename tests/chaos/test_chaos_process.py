@@ -184,3 +184,26 @@ def test_kill_9_under_load_leaves_an_intact_ledger_with_every_answered_request(t
         "answered_1s_before_kill_missing": len(missing),
     }
     assert settled and not missing
+
+
+def test_connections_past_the_cap_get_503_with_retry_after(tmp_path):
+    """uvicorn's own cap (limit_concurrency) answers a bare 503; the guard's counts uvicorn's connections
+    and answers with Retry-After. Idle connections count: they have sent nothing yet."""
+    server = start_serve(
+        tmp_path, engine_factory="tests.fake_engine:FakeEngine", GLM_SERVE_SERVER__MAX_CONNECTIONS="4"
+    )
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            refused = http.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+            )
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert refused.json()["error"]["code"] == "too_many_connections"
+    finally:
+        for sock in idle:
+            sock.close()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert wait_until(lambda: http.get("/v1/models").status_code == 200, timeout=10)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.log()

@@ -47,17 +47,22 @@ def start_serve(tmp_path: Path, engine_factory: str = ENGINE_FACTORY, **env: str
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=log, stderr=subprocess.STDOUT)
     server = ServeProcess(proc, port, log_path)
+    wait_healthy(proc, server.url, log_path, timeout=600)
+    return server
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    """Until /health answers 200; the log in the assertion if the process exits or the time runs out."""
 
     def healthy() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"serve exited early ({proc.returncode}):\n{server.log()}")
+            raise AssertionError(f"serve exited early ({proc.returncode}):\n{log_path.read_text()}")
         try:
-            return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
-    assert wait_until(healthy, timeout=600, interval=0.1), server.log()
-    return server
+    assert wait_until(healthy, timeout=timeout, interval=0.1), log_path.read_text(errors="replace")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from backends.vllm_args import engine_args
@@ -144,10 +144,13 @@ class VllmEngine:
             self._llm = None
 
     def prometheus_registry(self) -> Any:
-        """vLLM's own metrics (its PrometheusStatLogger registers them there), merged into /metrics."""
+        """vLLM's own metrics (its PrometheusStatLogger registers them there), merged into /metrics; but not
+        its vllm:request_success: it never counts a request its client left (AsyncLLM.abort drops the
+        request before any final output is counted), so the front end's count, which has every finish
+        reason, aborts included, is served instead."""
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-        return get_prometheus_registry()
+        return _Without(get_prometheus_registry(), FRONT_END_COUNTED)
 
     def healthy(self) -> bool:
         return self._llm is not None and not self._llm.errored and not self._stopping
@@ -222,6 +225,19 @@ class VllmEngine:
             self._live.discard(request.request_id)
             if done < request.n and self._llm is not None:
                 await self._llm.abort(request.request_id)
+
+
+FRONT_END_COUNTED = frozenset({"vllm:request_success"})  # served from server/metrics.py on this engine too
+
+
+class _Without:
+    """A registry's metric families except the named ones."""
+
+    def __init__(self, registry: Any, names: frozenset[str]) -> None:
+        self._registry, self._names = registry, names
+
+    def collect(self) -> Iterator[Any]:
+        return (family for family in self._registry.collect() if family.name not in self._names)
 
 
 def to_vllm_params(p: SamplingParams, n: int, tokenizer: Any = None) -> Any:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -92,11 +93,14 @@ def create_app(
 
 
 def uvicorn_limits(server: ServerConfig) -> dict[str, int]:
-    """uvicorn.Config options that bound connections and headers (the guard bounds bodies)."""
-    return {
-        "limit_concurrency": server.max_connections,
-        "h11_max_incomplete_event_size": server.max_header_bytes,
-    }
+    """uvicorn.Config options that bound headers. Not its limit_concurrency: its 503 has no Retry-After,
+    so the request guard caps connections with uvicorn's count (count_connections)."""
+    return {"h11_max_incomplete_event_size": server.max_header_bytes}
+
+
+def count_connections(serving: ServingState, server: uvicorn.Server) -> None:
+    """The request guard's connection cap counts the connections this uvicorn server has open."""
+    serving.open_connections = lambda: len(server.server_state.connections)
 
 
 def served_model_name(config: Config, engine: Engine) -> str:

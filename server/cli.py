@@ -18,7 +18,7 @@ from types import FrameType
 
 import uvicorn
 
-from server.app import create_app, uvicorn_limits
+from server.app import count_connections, create_app, uvicorn_limits
 from server.cli_flags import (
     add_config_flags,
     bind_unknown_values,
@@ -117,6 +117,7 @@ def serve(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=30, **uvicorn_limits(cfg.server),
     )  # fmt: skip
     server = holder["server"] = DrainingServer(uv_config, app.state.serving)
+    count_connections(app.state.serving, server)
     server.run()
     return server.exit_code
 

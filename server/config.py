@@ -83,7 +83,7 @@ class ServerConfig:
     max_prompt_tokens_per_request: int = 65536  # prompt tokens of one request, all prompts (400 past it)
     max_concurrent_requests_per_key: int | None = None  # in flight per API key (429 past it); None: no limit
     max_in_flight_requests: int = 512  # requests whose body is read, not yet answered (503 past it)
-    max_connections: int = 1024  # open connections (uvicorn's limit_concurrency: 503 past it)
+    max_connections: int = 1024  # open connections, or requests under way (503 + Retry-After past it)
     body_read_timeout_s: float = 30.0  # the whole body must arrive within this (408 past it)
     max_pending_body_bytes: int = 256 * 1024 * 1024  # bodies still arriving, all together (503 past it)
     max_header_bytes: int = 16384  # request line + headers (uvicorn h11_max_incomplete_event_size)

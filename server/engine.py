@@ -249,6 +249,7 @@ class NativeEngine:
                 req.params,
                 self.eos_token_ids,
                 req.arrival_time or time.monotonic(),
+                client=req.client or req.request_id,
             )
             p = req.params
             detok = IncrementalDetokenizer(

@@ -24,6 +24,7 @@ class GenerateRequest:
     params: SamplingParams
     n: int = 1
     arrival_time: float = 0.0  # time.monotonic() at arrival
+    client: str = ""  # who asked (routes/deps.py client_of); empty: this request alone
 
 
 @dataclass(slots=True)

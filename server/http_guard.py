@@ -1,6 +1,9 @@
-"""The front door of every request, before routing: bodies and in-flight work are bounded.
+"""The front door of every request, before routing: connections, bodies and in-flight work are bounded.
 
-RequestGuard reads the whole body first, within body_read_timeout_s (408 past it) and max_body_bytes
+Past server.max_connections a request gets 503 (with Retry-After, and Connection: close to shed the
+connection): open connections as uvicorn counts them (server/cli.py gives the guard that count), or
+requests under way here, bodies still arriving included. RequestGuard then reads the whole body first,
+within body_read_timeout_s (408 past it) and max_body_bytes
 (413, by Content-Length at once or as soon as the bytes pass it); all bodies still arriving together
 hold at most max_pending_body_bytes beyond their first 64 KiB each (503 past it), so half-sent bodies
 cannot grow the process, and small requests still pass while they stall. A JSON body nested deeper than
@@ -9,19 +12,18 @@ before pydantic, a template or a tokenizer can fail on it. Only then does the re
 flight: past max_in_flight_requests it gets 503, past the per-key limit 429 (both with Retry-After).
 So a client that sends half a body holds no in-flight slot and the drain never waits for it.
 
-Connections themselves are capped by uvicorn (server.max_connections -> limit_concurrency) and headers
-by h11 (server.max_header_bytes); server/cli.py passes both."""
+Headers are bounded by h11 (server.max_header_bytes); server/cli.py passes it to uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.asgi_body import ParsedBody, replay
 from server.config import ServerConfig
 from server.errors import (
     APIError,
@@ -33,13 +35,14 @@ from server.errors import (
 )
 
 QUIET_PATHS = frozenset({"/health", "/metrics"})  # not in-flight work: never refused for load here
-POOL_CHECK_BYTES = 64 * 1024  # bodies larger than this are parsed for the checks in the front-end pool
+POOL_PARSE_BYTES = 64 * 1024  # bodies larger than this are parsed (and checked) in the front-end pool
 SMALL_BODY_BYTES = 64 * 1024  # each body's first bytes: outside max_pending_body_bytes, so small requests
 # always get through while large half-sent bodies hold the shared allowance
 
 
 @dataclass(frozen=True, slots=True)
 class GuardLimits:
+    max_connections: int
     max_body_bytes: int
     body_read_timeout_s: float
     max_in_flight: int
@@ -50,7 +53,7 @@ class GuardLimits:
     @classmethod
     def from_server(cls, server: ServerConfig) -> GuardLimits:
         return cls(
-            server.max_body_bytes, server.body_read_timeout_s, server.max_in_flight_requests,
+            server.max_connections, server.max_body_bytes, server.body_read_timeout_s, server.max_in_flight_requests,
             server.max_concurrent_requests_per_key, server.max_json_depth, server.max_pending_body_bytes,
         )  # fmt: skip
 
@@ -70,14 +73,39 @@ class RequestGuard:
         self.limits = limits
         self.per_key: Counter[str] = Counter()
         self.pending_body_bytes = 0  # bytes of bodies still arriving, all connections together
+        self.under_way = 0  # requests past the connection check and not yet answered (quiet paths aside)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] in QUIET_PATHS:
+            await self._serve(scope, receive, send, counted=False)
+            return
+        if self._too_many_connections():
+            limit = self.limits.max_connections
+            refusal = APIError(
+                503, f"The server has {limit} connections open, its limit; retry shortly.",
+                code="too_many_connections", headers={"Retry-After": "1", "Connection": "close"},
+            )  # fmt: skip
+            await refusal.response(scope["path"])(scope, receive, send)
+            return
+        self.under_way += 1
+        try:
+            await self._serve(scope, receive, send, counted=True)
+        finally:
+            self.under_way -= 1
+
+    def _too_many_connections(self) -> bool:
+        """uvicorn's open connections (this one included), or the requests under way here (others)."""
+        count = self.serving.open_connections
+        connections = count() if count is not None else 0
+        return connections > self.limits.max_connections or self.under_way >= self.limits.max_connections
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, counted: bool) -> None:
         try:
             body = await self._read_body(scope, receive)
-            await self._check_json(body)
+            await self._check_json(scope, body)
         except _ClientGone:
             scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
             return
@@ -87,7 +115,6 @@ class RequestGuard:
         except APIError as error:
             await error.response(scope["path"])(scope, receive, send)
             return
-        counted = scope["path"] not in QUIET_PATHS
         key = getattr(scope.get("state", {}).get("api_key"), "key_id", "anonymous")
         if counted:
             refusal = self._refusal(key)
@@ -97,7 +124,7 @@ class RequestGuard:
             self.serving.in_flight += 1
             self.per_key[key] += 1
         try:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
         finally:
             if counted:
                 self.serving.in_flight -= 1
@@ -140,15 +167,18 @@ class RequestGuard:
         finally:
             self.pending_body_bytes -= max(0, held - SMALL_BODY_BYTES)
 
-    async def _check_json(self, body: bytes) -> None:
+    async def _check_json(self, scope: Scope, body: bytes) -> None:
+        """A large body is parsed and checked in the front-end pool, and its parse kept for the route
+        (server/asgi_body.py); a small one is checked here only when cheap byte counts say it might fail."""
         depth = self.limits.max_json_depth
-        if not needs_json_check(body, depth):
-            return
         pool = getattr(self.serving, "pool", None)
-        if pool is not None and len(body) > POOL_CHECK_BYTES:
-            problem = await pool.run(json_problem, body, depth)
+        if pool is not None and len(body) > POOL_PARSE_BYTES:
+            parsed, problem = await pool.run(parse_and_check, body, depth)
+            parsed.store(scope)
+        elif needs_json_check(body, depth):
+            _, problem = parse_and_check(body, depth)
         else:
-            problem = json_problem(body, depth)
+            problem = None
         if problem is not None:
             raise problem
 
@@ -167,20 +197,6 @@ class RequestGuard:
         return None
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body already read, as one message; after it, the connection's own messages (disconnect)."""
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
 def needs_json_check(body: bytes, max_depth: int) -> bool:
     """Could this body nest too deep or carry a lone surrogate? Cheap byte counts answer no for most."""
     if not body:
@@ -188,15 +204,18 @@ def needs_json_check(body: bytes, max_depth: int) -> bool:
     return b"\\u" in body or body.count(b"[") + body.count(b"{") > max_depth
 
 
-def json_problem(body: bytes, max_depth: int) -> APIError | None:
-    """A 400 for JSON nested deeper than max_depth or holding a string UTF-8 cannot encode; None when the
-    body is fine or is not JSON at all (the route's own parser answers that)."""
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        return _too_deep(max_depth)
-    except ValueError:
-        return None
+def parse_and_check(body: bytes, max_depth: int) -> tuple[ParsedBody, APIError | None]:
+    """The body parsed, and a 400 for JSON nested deeper than max_depth or holding a string UTF-8 cannot
+    encode; no 400 when the body is fine or is not JSON at all (the route's own parser answers that)."""
+    parsed = ParsedBody.parse(body)
+    if isinstance(parsed.error, RecursionError):
+        return parsed, _too_deep(max_depth)
+    if parsed.error is not None:
+        return parsed, None
+    return parsed, value_problem(parsed.value, max_depth)
+
+
+def value_problem(value: Any, max_depth: int) -> APIError | None:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()

@@ -1,9 +1,8 @@
 """ASGI pieces of routing: a response captured on its way to the client, and a request body read once
-and replayed to whichever app serves it."""
+(server/asgi_body.py replays it to whichever app serves it)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from starlette.types import Message, Receive, Send
@@ -42,22 +41,6 @@ class Capture:
                 access.get("completion_tokens"),
             )
         return out
-
-
-def replay(raw: bytes, receive: Receive | None) -> Receive:
-    """A receive that gives the body once, then the real receive's messages (a disconnect), or waits."""
-    given = False
-
-    async def replayed() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        if receive is None:
-            await asyncio.Event().wait()  # a shadow has no client to leave; it is cancelled instead
-        return await receive()  # type: ignore[misc]
-
-    return replayed
 
 
 async def read_all(receive: Receive) -> bytes | None:

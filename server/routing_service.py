@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.agent_apis import parse_agent_apis_config
+from server.asgi_body import replay
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.errors import APIError, bad_request
 from server.overflow import OVERFLOW_HEADER
@@ -41,7 +42,7 @@ from server.routing import (
     parse_routing_config,
 )
 from server.routing_agents import TRANSLATED_APIS, chat_view, shadow_body
-from server.routing_asgi import Capture, read_all, replay
+from server.routing_asgi import Capture, read_all
 from server.routing_compare import Outcome
 from server.routing_store import RoutingStore
 from server.routing_targets import (

@@ -182,6 +182,26 @@ def server(make_server: Callable[..., ServerHandle]) -> ServerHandle:
     return make_server()
 
 
+@pytest.fixture(scope="session")
+def glm_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    loop_thread: LoopThread,
+    make_server: Callable[..., ServerHandle],
+) -> Iterator[ServerHandle]:
+    """A server of the tiny random GLM-5 (backends/models/tiny.py: the GLM-5 architecture, tokenizer and
+    chat template) on the native engine, whichever engine the session's other servers use."""
+    from backends.models.tiny import write_tiny_glm5
+    from server.engine import NativeEngine
+
+    model_dir = write_tiny_glm5(tmp_path_factory.mktemp("glm") / "tiny-glm5")
+    cfg = http_config().engine
+    cfg.model, cfg.num_kv_blocks, cfg.max_model_len = str(model_dir), 64, 512
+    engine = NativeEngine(cfg)
+    loop_thread.run(engine.start(), timeout=300)
+    yield make_server(engine_override=engine)
+    loop_thread.run(engine.shutdown(), timeout=60)
+
+
 @pytest.fixture()
 def client(server: ServerHandle) -> Any:
     return server.client()

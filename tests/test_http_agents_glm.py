@@ -9,10 +9,6 @@ import json
 import anthropic
 import pytest
 
-from backends.models.tiny import write_tiny_glm5
-from server.engine import NativeEngine
-from tests.conftest import http_config
-
 GREEDY = {"temperature": 0}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER = {
@@ -26,17 +22,6 @@ WEATHER = {
 # A forced tool choice is enforced by constrained decoding (structured outputs, issue 14); without it a
 # random model never writes a tool call.
 ENFORCED_TOOL_CHOICE = importlib.util.find_spec("server.structured_output") is not None
-
-
-@pytest.fixture(scope="module")
-def glm_server(tmp_path_factory, loop_thread, make_server):
-    model_dir = write_tiny_glm5(tmp_path_factory.mktemp("glm") / "tiny-glm5")
-    cfg = http_config().engine
-    cfg.model, cfg.num_kv_blocks, cfg.max_model_len = str(model_dir), 64, 512
-    engine = NativeEngine(cfg)
-    loop_thread.run(engine.start(), timeout=300)
-    yield make_server(engine_override=engine)
-    loop_thread.run(engine.shutdown(), timeout=60)
 
 
 def claude(server) -> anthropic.Anthropic:

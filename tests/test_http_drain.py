@@ -3,14 +3,10 @@ in-flight streams finish (or cuts them at the drain timeout), and exits 0. Also 
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -20,97 +16,20 @@ from server.app import served_model_name
 from server.cli import main, parse_args
 from server.cli_flags import config_from_args
 from server.config import load_config
-from tests.conftest import ENGINE_FACTORY, TEST_PROFILE, free_port, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
-MESSAGES = [{"role": "user", "content": "Write a long poem."}]
+from tests.conftest import TEST_PROFILE, free_port, wait_until
+from tests.serve_process import MESSAGES, ServeProcess, start_serve, stream_in_thread
 
 
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_serve(tmp_path: Path, drain_timeout_s: float, token_delay_s: float = 0.01) -> ServeProcess:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
+def start_drain_test(tmp_path: Path, drain_timeout_s: float, token_delay_s: float = 0.01) -> ServeProcess:
+    return start_serve(
+        tmp_path,
         GLM_SERVE_SERVER__DRAIN_TIMEOUT_S=str(drain_timeout_s),
-        GLM_SERVE_ENGINE__MAX_MODEL_LEN="1024",
         GLM_FAKE_TOKEN_DELAY_S=str(token_delay_s),
-        PYTHONPATH=str(REPO),
     )
-    log_path = tmp_path / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(TEST_PROFILE), "--port", str(port),
-           "--served-model-name", "drain-test", "--engine-factory", ENGINE_FACTORY]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = ServeProcess(proc, port, log_path)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited early ({proc.returncode}):\n{server.log()}")
-        try:
-            return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(healthy, timeout=300, interval=0.1), server.log()
-    return server
-
-
-@dataclass
-class StreamResult:
-    started: threading.Event = field(default_factory=threading.Event)
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    saw_done: bool = False
-    error_event: dict | None = None
-    error: BaseException | None = None
-
-
-def stream_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, StreamResult]:
-    result = StreamResult()
-    body = {"model": "drain-test", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
-
-    def run() -> None:
-        try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        result.saw_done = True
-                        continue
-                    chunk = json.loads(line[6:])
-                    result.error_event = chunk.get("error") or result.error_event
-                    if chunk.get("usage"):
-                        result.completion_tokens = chunk["usage"]["completion_tokens"]
-                    for choice in chunk.get("choices", []):
-                        result.started.set()
-                        result.finish_reason = choice.get("finish_reason") or result.finish_reason
-        except BaseException as exc:  # recorded for the assertion in the test thread
-            result.error = exc
-        finally:
-            result.started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
-    server = start_serve(tmp_path, drain_timeout_s=60)
+    server = start_drain_test(tmp_path, drain_timeout_s=60)
     with httpx.Client(base_url=server.url, timeout=10) as http:
         assert http.get("/v1/models").json()["data"][0]["id"] == "drain-test"
     max_tokens = 120
@@ -136,7 +55,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
 
 
 def test_sigterm_drain_timeout_cuts_long_requests(tmp_path):
-    server = start_serve(tmp_path, drain_timeout_s=0.5, token_delay_s=0.02)
+    server = start_drain_test(tmp_path, drain_timeout_s=0.5, token_delay_s=0.02)
     thread, result = stream_in_thread(server.url, max_tokens=900)
     assert result.started.wait(120)
     started = time.monotonic()
@@ -149,7 +68,7 @@ def test_sigterm_drain_timeout_cuts_long_requests(tmp_path):
 
 
 def test_second_signal_stops_at_once(tmp_path):
-    server = start_serve(tmp_path, drain_timeout_s=60, token_delay_s=0.02)
+    server = start_drain_test(tmp_path, drain_timeout_s=60, token_delay_s=0.02)
     thread, result = stream_in_thread(server.url, max_tokens=900)
     assert result.started.wait(120)
     server.proc.send_signal(signal.SIGTERM)

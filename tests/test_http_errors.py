@@ -107,6 +107,26 @@ def test_invalid_json_is_400(server):
     assert_error(response, 400, code="invalid_json")
 
 
+def test_large_bodies_parsed_off_the_loop_answer_exactly_as_small_ones(server):
+    """Bodies past the guard's pool threshold are parsed in the front-end pool (server/asgi_body.py)."""
+    pad = b" " * 200_000  # JSON white space: the same document, five times the pool threshold
+    bodies = {
+        "broken JSON": b'{"model": "x", "messages": [',
+        "invalid UTF-8": b'{"model": "x", "messages": [], "user": "\xff"}',
+        "not an object": b"[1, 2]",
+        "wrong type": b'{"model": "x", "messages": "hi"}',
+    }
+    with server.http(
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    ) as http:
+        for name, body in bodies.items():
+            small = http.post("/v1/chat/completions", content=body)
+            large = http.post("/v1/chat/completions", content=pad + body + pad)
+            assert small.status_code == 400 and (large.status_code, large.json()) == (400, small.json()), name
+        valid = json.dumps({"model": server.serving.served_model_name, "messages": MESSAGES, "max_tokens": 1})
+        assert http.post("/v1/chat/completions", content=pad + valid.encode()).status_code == 200
+
+
 def test_body_must_be_a_json_object(server):
     with server.http() as http:
         assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400, code="invalid_body")

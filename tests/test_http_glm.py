@@ -7,10 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backends.models.tiny import write_tiny_glm5
-from server.engine import NativeEngine
 from server.routes.chat_output import GlmProcessor, PassThroughProcessor, make_output_processor
-from tests.conftest import http_config
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glm" / "tool_call_samples.jsonl"
 WEATHER_TOOL = {
@@ -24,17 +21,6 @@ WEATHER_TOOL = {
         },
     },
 }
-
-
-@pytest.fixture(scope="module")
-def glm_server(tmp_path_factory, loop_thread, make_server):
-    model_dir = write_tiny_glm5(tmp_path_factory.mktemp("glm") / "tiny-glm5")
-    cfg = http_config().engine
-    cfg.model, cfg.num_kv_blocks, cfg.max_model_len = str(model_dir), 64, 512
-    engine = NativeEngine(cfg)
-    loop_thread.run(engine.start(), timeout=300)
-    yield make_server(engine_override=engine)
-    loop_thread.run(engine.shutdown(), timeout=60)
 
 
 def test_glm_chat_reasoning_whole_and_streamed(glm_server):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai.types import Model
 
-from tests.conftest import ON_VLLM, metric_value, wait_until
+from tests.conftest import metric_value, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 REQUIRED_METRICS = [
@@ -123,10 +123,6 @@ def test_access_log_line_per_request(make_server, caplog):
     assert _access_records(caplog)[-1]["prompt"] == ["secret prompt"]
 
 
-@pytest.mark.xfail(
-    ON_VLLM,
-    reason="open regression since the merge of issue 20 (aborts queued once): the vLLM adapter's aborted-request count stays 0",
-)
 def test_streaming_disconnect_frees_kv(server, client, engine):
     assert wait_until(lambda: engine_idle(server))
     before = aborted_count(server)
@@ -144,10 +140,6 @@ def test_streaming_disconnect_frees_kv(server, client, engine):
     assert aborted_count(server) == before + 1
 
 
-@pytest.mark.xfail(
-    ON_VLLM,
-    reason="open regression since the merge of issue 20 (aborts queued once): the vLLM adapter's aborted-request count stays 0",
-)
 def test_non_streaming_disconnect_aborts(server, engine):
     assert wait_until(lambda: engine_idle(server))
     before = aborted_count(server)

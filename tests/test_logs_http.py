@@ -27,6 +27,7 @@ import yaml
 from server import tracing
 from server.logs import SECRETS, configure_logging, make_handler, valid_request_id
 from tests.conftest import TEST_PROFILE, free_port, wait_until
+from tests.serve_process import wait_healthy
 from tests.test_overflow_http import (  # noqa: F401  (deploy and its fixtures)
     FORCER,
     LOCAL_MODEL,
@@ -68,15 +69,7 @@ def serve(tmp_path: Path, name: str, profile: dict[str, Any], env: dict[str, str
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     process = Process(proc, f"http://127.0.0.1:{port}", log_path)
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"{name} exited early:\n{log_path.read_text()}"
-        try:
-            return httpx.get(f"{process.url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(healthy, timeout=120, interval=0.1), log_path.read_text()
+    wait_healthy(proc, process.url, log_path, timeout=120)
     return process
 
 

@@ -6,19 +6,22 @@ in content as text, and the usage report's --since range."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
 import threading
 import time
+from typing import Any
 
 import pytest
 
+from server.asgi_body import ParsedBodyRequest
 from server.chat_template import render_and_encode
-from server.engine_api import Load
+from server.engine_api import GenerateRequest, Load
 from server.errors import APIError, TracebackBudget, bad_request
 from server.frontend_pool import FrontendPool
-from server.http_guard import json_problem, needs_json_check
+from server.http_guard import needs_json_check, parse_and_check
 from server.overflow import QueueRoom
 from server.scheduler.request import Request, SamplingParams
 from server.scheduler.waiting import WaitingQueue
@@ -29,6 +32,10 @@ from tests.test_scheduler import make_request, make_scheduler, step
 # -- the request guard's JSON checks ---------------------------------------------------------------------
 def nested(depth: int) -> bytes:
     return ("[" * depth + "]" * depth).encode()
+
+
+def json_problem(body: bytes, max_depth: int) -> APIError | None:
+    return parse_and_check(body, max_depth)[1]
 
 
 def test_json_nested_past_the_limit_is_a_400_even_past_the_parser_recursion_limit():
@@ -44,6 +51,31 @@ def test_lone_surrogates_in_values_or_keys_are_a_400_and_pairs_are_fine():
         assert problem is not None and problem.code == "invalid_unicode", body
     assert json_problem(b'{"content": "\\ud83d\\ude00 \\u00e9"}', 64) is None
     assert json_problem(b"not json", 64) is None  # the route's own parser answers that one
+
+
+def test_the_parse_kept_for_the_route_is_its_value_or_the_very_error_json_raises():
+    parsed, problem = parse_and_check(b'{"a": [1, "x"]}', 64)
+    assert problem is None and parsed.value == {"a": [1, "x"]} and parsed.error is None
+    for broken in (b'{"a": ', b"\xff\xfe"):
+        parsed, problem = parse_and_check(broken, 64)
+        with pytest.raises(type(parsed.error)):
+            json.loads(broken)
+        assert problem is None and isinstance(parsed.error, ValueError)
+
+
+def test_a_route_reads_the_parse_kept_for_its_body_and_parses_any_other_body_itself():
+    parsed, _ = parse_and_check(b'{"a": 1}', 64)
+
+    def request_for(body: bytes) -> ParsedBodyRequest:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "headers": [], "state": {}}
+        parsed.store(scope)
+        return ParsedBodyRequest(scope, receive)
+
+    assert asyncio.run(request_for(b'{"a": 1}').json()) is parsed.value  # not parsed again
+    assert asyncio.run(request_for(b'{"a": 2}').json()) == {"a": 2}
 
 
 def test_cheap_prefilter_skips_ordinary_bodies():
@@ -129,6 +161,47 @@ def test_waiting_queue_removes_in_constant_time_and_keeps_order_and_counts():
     assert [r.request_id for r in queue] == [f"r{i}" for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 5)]
 
 
+def test_waiting_clients_take_turns_first_come_first_served_within_each():
+    queue = WaitingQueue()
+    batch = [Request(f"b{i}", [1], SamplingParams(), client="batch") for i in range(60)]
+    for request in batch:
+        queue.append(request)
+    other = Request("o", [1], SamplingParams(), client="other")
+    queue.append(other)
+    assert [r.request_id for r in itertools.islice(queue, 4)] == ["b0", "o", "b1", "b2"]
+    queue.remove(batch[0])  # admitted: the batch's turn passes, the other client is first now
+    assert [r.request_id for r in itertools.islice(queue, 3)] == ["o", "b1", "b2"]
+    preempted = Request("p", [1], SamplingParams(), client="batch")
+    queue.appendleft(preempted)  # a preempted request comes before every client's turn
+    assert queue[0] is preempted and len(queue) == 61
+    queue.remove(other)  # its line is empty and gone; the batch keeps its order
+    assert [r.request_id for r in queue] == ["p"] + [f"b{i}" for i in range(1, 60)]
+
+
+def test_taking_turns_stays_constant_time_with_many_clients():
+    queue = WaitingQueue()
+    requests = [Request(f"r{i}", [1], SamplingParams(), client=f"c{i % 5000}") for i in range(20_000)]
+    for request in requests:
+        queue.append(request)
+    started = time.perf_counter()
+    for _ in range(2_000):  # what schedule() does each step: look at the first 64, admit one
+        head = list(itertools.islice(queue, 64))
+        queue.remove(head[0])
+    assert time.perf_counter() - started < 2.0
+    assert len(queue) == 18_000 and queue.num_tokens == 18_000
+
+
+def test_a_big_batch_does_not_hold_another_clients_request_behind_it():
+    scheduler = make_scheduler(num_blocks=256, max_num_seqs=8)
+    for i in range(65):
+        request = make_request(f"b{i}" if i < 64 else "other", 4, max_tokens=8)
+        request.client = "batch" if i < 64 else "other"
+        scheduler.add(request)
+    output, _ = step(scheduler)
+    admitted = [s.request.request_id for s in output.scheduled]
+    assert len(admitted) == 8 and "other" in admitted  # first come first served, it would be 65th
+
+
 def test_aborting_a_huge_batch_in_the_scheduler_is_linear():
     scheduler = make_scheduler(num_blocks=64, max_num_seqs=8)
     for i in range(30_000):
@@ -171,21 +244,18 @@ def test_shorter_requests_pass_a_long_prompt_waiting_for_its_prefill_turn():
     assert sum(chunks.values()) == 1024
 
 
-def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_few_steps(tmp_path):
-    """The native engine end to end, on a tiny random llama (fast 8k-token prefill)."""
+def tiny_counted_engine(tmp_path, max_position_embeddings: int, **overrides) -> tuple[Any, list[int]]:
+    """The native engine on a tiny random llama (fast prefill), and a count of the steps it has run."""
     from transformers import LlamaForCausalLM
 
-    from server.engine_api import GenerateRequest
     from tests.engine_helpers import smollm_dir, start_engine, tiny_llama_config
 
-    model_dir = tmp_path / "tiny-8k"
-    LlamaForCausalLM(tiny_llama_config(max_position_embeddings=16384)).save_pretrained(model_dir)
+    model_dir = tmp_path / "tiny"
+    config = tiny_llama_config(max_position_embeddings=max_position_embeddings)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm_dir() / name, model_dir / name)
-    engine = start_engine(
-        model_dir, max_num_batched_tokens=1024, max_model_len=9000, num_kv_blocks=1200,
-        attention_kernel="reference", num_threads=1,
-    )  # fmt: skip
+    engine = start_engine(model_dir, attention_kernel="reference", num_threads=1, **overrides)
     steps = [0]
     original_step = engine.step
 
@@ -194,23 +264,36 @@ def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_
         original_step()
 
     engine.step = counting_step  # type: ignore[method-assign]
+    return engine, steps
 
-    async def first_token(request: GenerateRequest) -> int:
-        async for _ in engine.generate(request):
-            return steps[0]
-        raise AssertionError("no output")
+
+async def first_token_step(engine: Any, steps: list[int], request: GenerateRequest) -> int:
+    async for _ in engine.generate(request):
+        return steps[0]
+    raise AssertionError("no output")
+
+
+GREEDY = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+
+def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_few_steps(tmp_path):
+    engine, steps = tiny_counted_engine(
+        tmp_path, 16384, max_num_batched_tokens=1024, max_model_len=9000, num_kv_blocks=1200
+    )
 
     async def main() -> tuple[int, int, int]:
         await engine.start()
         try:
-            greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            long_prompt = [5 + i % 900 for i in range(8192)]
             long = asyncio.ensure_future(
-                first_token(GenerateRequest("long", [5 + i % 900 for i in range(8192)], greedy))
+                first_token_step(engine, steps, GenerateRequest("long", long_prompt, GREEDY))
             )
             while steps[0] < 2:  # the long prefill is under way
                 await asyncio.sleep(0.001)
             arrived = steps[0]
-            short_step = await first_token(GenerateRequest("short", [7, 8, 9, 10], greedy))
+            short_step = await first_token_step(
+                engine, steps, GenerateRequest("short", [7, 8, 9, 10], GREEDY)
+            )
             return arrived, short_step, await long
         finally:
             await engine.shutdown()
@@ -218,6 +301,38 @@ def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_
     arrived, short_step, long_step = asyncio.run(main())
     assert short_step - arrived <= 3, (arrived, short_step)
     assert short_step < long_step  # before the 8k prompt's own first token (8+ steps of prefill)
+
+
+def test_engine_another_clients_request_passes_a_64_prompt_batch(tmp_path):
+    """One client's 64 prompts of 100 tokens take ~13 steps to admit (512 tokens a step); a short
+    request from another client arriving meanwhile is admitted at its client's next turn."""
+    engine, steps = tiny_counted_engine(
+        tmp_path, 1024, max_num_batched_tokens=512, max_model_len=1024, num_kv_blocks=1200
+    )
+
+    def batch_request(i: int) -> GenerateRequest:
+        prompt = [5 + (7 * i + j) % 900 for j in range(100)]  # no prefix shared between prompts
+        return GenerateRequest(f"batch-{i}", prompt, GREEDY, client="batch")
+
+    async def main() -> tuple[int, int, list[int]]:
+        await engine.start()
+        try:
+            batch = [
+                asyncio.ensure_future(first_token_step(engine, steps, batch_request(i))) for i in range(64)
+            ]
+            while steps[0] < 2:  # the batch is being admitted
+                await asyncio.sleep(0.001)
+            arrived = steps[0]
+            short = GenerateRequest("short", [7, 8, 9, 10], GREEDY, client="other")
+            short_step = await first_token_step(engine, steps, short)
+            return arrived, short_step, await asyncio.gather(*batch)
+        finally:
+            await engine.shutdown()
+
+    arrived, short_step, batch_steps = asyncio.run(main())
+    assert short_step - arrived <= 3, (arrived, short_step)
+    behind = sum(step > short_step for step in batch_steps)
+    assert behind >= 32, (short_step, sorted(batch_steps))  # first come first served: behind all 64
 
 
 # -- special tokens in content are text --------------------------------------------------------------------

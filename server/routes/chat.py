@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.asgi_body import ParsedBodyRoute
 from server.chat_template import (
     add_json_object_hint,
     check_template_kwargs,
@@ -43,6 +44,7 @@ from server.routes.deps import (
     check_batch_size,
     check_model,
     check_prompt_tokens,
+    client_of,
     get_state,
     ready_engine,
     run_in_pool,
@@ -54,7 +56,7 @@ from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 from server.scheduler.request import SamplingParams
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 @dataclass(slots=True)
@@ -96,7 +98,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         request_id, created, model, prepared.top_logprobs, include_usage, processors, encoder
     )
     generate_request = GenerateRequest(
-        request_id, prepared.prompt_ids, prepared.params, n=body.n, arrival_time=time.monotonic()
+        request_id,
+        prepared.prompt_ids,
+        prepared.params,
+        n=body.n,
+        arrival_time=time.monotonic(),
+        client=client_of(request, request_id),
     )
     generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
     return await respond(

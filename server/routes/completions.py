@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.asgi_body import ParsedBodyRoute
 from server.chat_template import encode_prompt
 from server.engine_api import GenerateRequest, TokenLogprob
 from server.errors import bad_request
@@ -20,6 +21,7 @@ from server.routes.deps import (
     check_batch_size,
     check_model,
     check_prompt_tokens,
+    client_of,
     get_state,
     ready_engine,
     run_in_pool,
@@ -30,7 +32,7 @@ from server.routes.sampling import check_common_fields, resolve_max_tokens, to_s
 from server.routes.sse import SSE_DONE, ChunkEncoder, error_event
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 @dataclass(slots=True)
@@ -100,7 +102,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     check_prompt_tokens(state, prompt_tokens, "prompt")
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    arrival = time.monotonic()
+    arrival, client = time.monotonic(), client_of(request, request_id)
     requests = []
     for i, prompt in enumerate(prompts):
         max_tokens = resolve_max_tokens(
@@ -114,7 +116,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=state.sampling_defaults
         )
         engine_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-        requests.append(GenerateRequest(engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival))
+        requests.append(
+            GenerateRequest(
+                engine_id, prompt.token_ids, params, n=body.n, arrival_time=arrival, client=client
+            )
+        )
     sequences = len(prompts) * body.n
     decision = admit(state, engine, request, sequences=sequences, tokens=prompt_tokens * body.n)
     overflowed = await serve_overflow(

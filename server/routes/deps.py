@@ -5,6 +5,7 @@ in the queue counted in sequences and tokens)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class ServingState:
     sampling_defaults: SamplingDefaults = NO_DEFAULTS  # from the model's generation_config.json
     pool: FrontendPool | None = None  # rendering and tokenizing off the event loop (None: inline, tests)
     routing: Any = None  # routing_service.py RoutingService; None: routing off
+    open_connections: Callable[[], int] | None = None  # uvicorn's count (server/cli.py); None: not known
 
     @property
     def status(self) -> str:
@@ -102,6 +104,13 @@ DISABLED = OverflowConfig()
 def request_key(request: Request) -> ApiKey:
     """The roles of the request's API key (set by ApiKeyCheck); anonymous when no keys are configured."""
     return request.scope.get("state", {}).get("api_key") or ANONYMOUS_KEY
+
+
+def client_of(request: Request, request_id: str) -> str:
+    """Who the engine's waiting queue takes turns between (GenerateRequest.client): the API key, or with no
+    keys configured each HTTP request on its own (so a completions batch is one client, not 64)."""
+    key = request_key(request)
+    return request_id if key.key_id == ANONYMOUS_KEY.key_id else f"key:{key.key_id}"
 
 
 def check_batch_size(state: ServingState, *, prompts: int, n: int) -> None:

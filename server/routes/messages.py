@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from server.agent_apis import AgentApisConfig, parse_agent_apis_config, resolve_model
+from server.asgi_body import ParsedBodyRoute
 from server.errors import bad_request
 from server.protocol import ChatCompletionRequest
 from server.protocol_anthropic import (
@@ -28,7 +29,7 @@ from server.routes.deps import get_state, ready_engine
 from server.routes.translated_chat import TranslatedRequest, serve_translated
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 def agent_apis_config(request: Request) -> AgentApisConfig:

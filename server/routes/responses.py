@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.agent_apis import resolve_model
+from server.asgi_body import ParsedBodyRoute
 from server.errors import APIError, bad_request
 from server.protocol_responses import ResponsesRequest, assistant_message, chat_fields, input_messages
 from server.response_store import ResponseStore
@@ -20,7 +21,7 @@ from server.routes.responses_events import ResponsesEncoder
 from server.routes.translated_chat import TranslatedRequest, serve_translated
 from server.usage import usage_api
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)  # large bodies parsed off the loop
 
 
 def response_store(request: Request) -> ResponseStore:

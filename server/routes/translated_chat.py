@@ -27,7 +27,7 @@ from server.protocol import ChatCompletionRequest
 from server.routes.api_encoder import ApiEncoder, EncoderFactory, Outcome
 from server.routes.chat import chat_finish_reason, prepare_chat
 from server.routes.chat_output import MessageAccumulator, MessageDelta, OutputProcessor
-from server.routes.deps import admit, get_state, ready_engine, serve_overflow
+from server.routes.deps import admit, client_of, get_state, ready_engine, serve_overflow
 from server.routes.generation import Generation, respond
 from server.routes.reasoning_budget import ReasoningBudget
 from server.routes.sse import stream_error
@@ -79,7 +79,11 @@ async def serve_translated(request: Request, translated: TranslatedRequest) -> R
     )
     processor = prepared.output_processor(engine, state)
     generate_request = GenerateRequest(
-        request_id, prepared.prompt_ids, prepared.params, arrival_time=time.monotonic()
+        request_id,
+        prepared.prompt_ids,
+        prepared.params,
+        arrival_time=time.monotonic(),
+        client=client_of(request, request_id),
     )
     budget = translated.reasoning_budget
     runs = (

@@ -6,6 +6,7 @@ per-key limits. (/health while large bodies are tokenized: test_chaos_process.py
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -81,30 +82,53 @@ def test_a_huge_batch_is_refused_at_once_and_a_large_one_does_not_starve_others(
     assert engine.load().num_waiting == 0
 
     limits = server.serving.config.server
-    batch = {"model": model, "prompt": [f"Item {i}:" for i in range(limits.max_prompts_per_request)],
-             "max_tokens": 16, "ignore_eos": True}  # fmt: skip
+    size = limits.max_prompts_per_request  # prompts of ~200 tokens: admitted over several steps' budgets
+    prompts = [f"Item {i}: " + "lorem ipsum dolor sit amet " * 20 for i in range(size)]
+    batch = {"model": model, "prompt": prompts, "max_tokens": 8, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60, headers=HEADERS) as http:
+        tokens_each = http.post("/tokenize", json={"model": model, "prompt": prompts[-1]}).json()["count"]
+    budget = server.serving.config.engine.max_num_batched_tokens
+    # under the long-prefill threshold (a quarter of the budget), where prefill fairness would let short
+    # requests pass anyway, and more than fit one step all together
+    assert tokens_each < budget // 4 and tokens_each * size > 4 * budget
 
-    async def main() -> tuple[httpx.Response, list[tuple[int, float]]]:
+    async def first_tokens(http: httpx.AsyncClient, path: str, body: dict) -> dict[int, float]:
+        """The time each choice's first token arrived."""
+        firsts: dict[int, float] = {}
+        async with http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        firsts.setdefault(choice["index"], time.monotonic())
+        return firsts
+
+    short = {"model": model, "prompt": "Tell me a story.", "max_tokens": 4, "stream": True}
+
+    async def main() -> tuple[dict[int, float], list[float], float, float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=300, headers=HEADERS) as http:
-            big = asyncio.ensure_future(http.post("/v1/completions", json=batch))
-            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            big = asyncio.ensure_future(first_tokens(http, "/v1/completions", batch))
+            while engine.load().num_waiting < size // 2:  # the batch is queued, most of it still waiting
+                assert time.monotonic() - started < 120 and not big.done()
+                await asyncio.sleep(0.01)
+            sent = time.monotonic()
+            others = await asyncio.gather(*(first_tokens(http, "/v1/completions", short) for _ in range(3)))
+            return await big, [other[0] for other in others], started, sent
 
-            async def small() -> tuple[int, float]:
-                t0 = time.monotonic()
-                response = await http.post(CHAT, json=chat_body(server))
-                return response.status_code, time.monotonic() - t0
-
-            others = await asyncio.gather(*(small() for _ in range(6)))
-            return await big, others
-
-    big, others = asyncio.run(main())
-    assert big.status_code == 200 and len(big.json()["choices"]) == limits.max_prompts_per_request
-    assert [status for status, _ in others] == [200] * 6  # not turned away by the batch
+    big, others_first, started, sent = asyncio.run(main())
+    assert len(big) == size
+    behind = sum(first > max(others_first) for first in big.values())
     figures["large_batch"] = {
-        "refused_150k_prompts_in_s": round(refused_in, 3),
-        "batch_sequences": limits.max_prompts_per_request,
-        "others_served": len(others), "others_max_latency_s": round(max(t for _, t in others), 2),
+        "refused_150k_prompts_in_s": round(refused_in, 3), "batch_sequences": size,
+        "batch_prompt_tokens_each": tokens_each, "others_sent_after_s": round(sent - started, 2),
+        "others_ttft_s": [round(first - sent, 2) for first in others_first],
+        "batch_first_tokens_after_all_others": behind,
+        "batch_last_first_token_s": round(max(big.values()) - started, 2),
     }  # fmt: skip
+    # the other clients took their turns ahead of the batch's waiting prompts: their first tokens came
+    # before a quarter or more of the batch's (first come first served, they would come after all 64)
+    assert behind >= size // 4, figures["large_batch"]
 
 
 def half_send(port: int, declared: int, sent: int) -> socket.socket:
@@ -176,3 +200,24 @@ def test_in_flight_and_per_key_limits_answer_with_retry_after(make_server):
                 assert http.get("/health").status_code == 200  # never refused for load
         assert wait_until(lambda: server.serving.in_flight == 0)
         assert http.post(CHAT, json=chat_body(server), headers=auth(keys[0])).status_code == 200
+
+
+def test_requests_past_the_connection_cap_get_503_with_retry_after(make_server):
+    """In process the cap counts requests under way (bodies still arriving included); a serve process
+    also counts uvicorn's open connections (test_chaos_process.py)."""
+    server = make_server(max_connections=3, body_read_timeout_s=30.0)
+    sockets = [half_send(server.port, 1000, 10) for _ in range(3)]
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers=HEADERS) as http:
+            assert wait_until(lambda: http.get("/v1/models").status_code == 503, timeout=10)
+            refused = http.post(CHAT, json=chat_body(server))
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.headers["connection"] == "close"
+            assert refused.json()["error"]["code"] == "too_many_connections"
+            assert http.get("/health").status_code == 200  # probes are never refused for load
+    finally:
+        for sock in sockets:
+            sock.close()
+    with httpx.Client(base_url=server.url, timeout=60, headers=HEADERS) as http:
+        assert wait_until(lambda: http.get("/v1/models").status_code == 200, timeout=10)
+        assert http.post(CHAT, json=chat_body(server)).status_code == 200

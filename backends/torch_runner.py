@@ -47,15 +47,18 @@ class StepInputs:
 
 
 def step_inputs(out: SchedulerOutput) -> StepInputs:
+    """Flatten the step: each request's new tokens (and draft tokens after them) in order; the rows whose
+    logits are sampled are its last token's and its drafts'."""
     input_ids: list[int] = []
     sample_index: list[int] = []
     for s in out.scheduled:
         req = s.request
-        tokens = req.all_token_ids() if s.start + s.num_new_tokens > req.num_prompt_tokens else None
-        for pos in range(s.start, s.start + s.num_new_tokens):
-            input_ids.append(tokens[pos] if tokens is not None else req.prompt_token_ids[pos])
+        num_own = s.num_new_tokens - len(s.draft_token_ids)
+        tokens = req.all_token_ids() if s.start + num_own > req.num_prompt_tokens else req.prompt_token_ids
+        input_ids.extend(tokens[s.start : s.start + num_own])
+        input_ids.extend(s.draft_token_ids)
         if s.sample:
-            sample_index.append(len(input_ids) - 1)
+            sample_index.extend(range(len(input_ids) - len(s.draft_token_ids) - 1, len(input_ids)))
     return StepInputs(
         input_ids,
         [s.start for s in out.scheduled],
@@ -186,16 +189,18 @@ class TorchModelRunner:
         self.sampler.release(request_id)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
-        """One forward pass over every scheduled chunk; a token for each request with sample=True."""
+    def execute(self, out: SchedulerOutput) -> dict[str, list[SampleResult]]:
+        """One forward pass over every scheduled chunk. Each request with sample=True gets its tokens: one,
+        or with draft tokens, the accepted drafts and one more."""
         if not out.scheduled:
             return {}
         logits = self._on_all_ranks("run_step", step_inputs(out))
         if logits is None:
             return {}
-        sampled_reqs = [s.request for s in out.scheduled if s.sample]
-        results = self.sampler(logits.cpu(), sampled_reqs)
-        return {r.request_id: res for r, res in zip(sampled_reqs, results, strict=True)}
+        sampled = [s for s in out.scheduled if s.sample]
+        drafts = [s.draft_token_ids for s in sampled] if any(s.draft_token_ids for s in sampled) else None
+        results = self.sampler(logits.cpu(), [s.request for s in sampled], drafts)
+        return {s.request.request_id: res for s, res in zip(sampled, results, strict=True)}
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs) -> torch.Tensor | None:

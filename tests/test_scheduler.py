@@ -41,7 +41,7 @@ def step(
     """One engine step with a fake runner that samples `token` for every request that samples."""
     output = scheduler.schedule()
     pick = token if callable(token) else (lambda _request: token)
-    sampled = {s.request.request_id: pick(s.request) for s in output.scheduled if s.sample}
+    sampled = {s.request.request_id: [pick(s.request)] for s in output.scheduled if s.sample}
     return output, scheduler.update_from_output(output, sampled)
 
 
@@ -258,7 +258,7 @@ def test_finish_between_schedule_and_update_is_skipped() -> None:
     output = scheduler.schedule()
     assert scheduler.finish("a", RequestStatus.FINISHED_STOPPED, stop_reason="</s>") is a
     assert a.stop_reason == "</s>" and scheduler.kv.block_table("a") == []
-    finished = scheduler.update_from_output(output, {"b": 7})  # the runner dropped a's token
+    finished = scheduler.update_from_output(output, {"b": [7]})  # the runner dropped a's token
     assert finished == [] and a.output_token_ids == [] and b.output_token_ids == [7]
     assert scheduler.finish("a", RequestStatus.FINISHED_ABORTED) is None
     assert scheduler.running == [b] and scheduler.get_request("a") is None
@@ -391,7 +391,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if abort_midway and output.scheduled:
             victim = rng.choice(output.scheduled).request
             self.report(scheduler.abort([victim.request_id]))
-        sampled = {s.request.request_id: rng.randrange(VOCAB) for s in output.scheduled if s.sample}
+        sampled = {s.request.request_id: [rng.randrange(VOCAB)] for s in output.scheduled if s.sample}
         self.report(scheduler.update_from_output(output, sampled))
         for s in output.scheduled:
             if s.sample and s.request.status is not RequestStatus.FINISHED_ABORTED:

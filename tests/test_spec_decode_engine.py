@@ -143,3 +143,19 @@ def test_stop_token_among_accepted_drafts_drops_the_rest(tiny_dir):
         got = run_requests(engine, prompts, stops)
     assert got == expected
     assert all(len(r["tokens"]) <= 6 and r["finish_reason"] == "stop" for r in got)
+
+
+def test_seeded_sampling_with_drafts_reproduces(tiny_dir):
+    prompts, _ = workload()
+    prompts = prompts[:4]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=7 + i) for i in range(4)]
+    greedy = [SamplingParams(max_tokens=20, temperature=0.0) for _ in prompts]
+    runs = []
+    with one_torch_thread():
+        plain = [r["tokens"] for r in run_requests(start_engine(tiny_dir, num_kv_blocks=64), prompts, greedy)]
+        for _ in range(2):
+            engine = start_engine(tiny_dir, num_kv_blocks=64)
+            with_drafter(engine, OracleDrafter(prompts, plain))  # greedy drafts: some accepted, some not
+            runs.append(run_requests(engine, prompts, params))
+            assert engine.scheduler.spec_stats.num_draft_tokens > 0
+    assert runs[0] == runs[1]

@@ -81,7 +81,11 @@ def test_flag_sets_its_key(profile, flags, key, value):
 
 
 REFUSED = [  # (profile, flags, message)
-    ("cpu", ["--speculative-config", '{"method": "ngram", "n": 2}'], "speculative_config.*n is not supported"),
+    (
+        "cpu",
+        ["--speculative-config", '{"method": "ngram", "n": 2}'],
+        "speculative_config.*n is not supported",
+    ),
     ("cpu", ["--quantization", "fp8"], "vllm.quantization (--quantization) is a vLLM engine argument"),
     ("cpu", ["--enforce-eager"], "needs engine.backend vllm"),
     ("cpu", ["--kv-cache-dtype", "fp8_e4m3"], "engine.kv_cache_dtype fp8_e4m3 needs backend vllm"),

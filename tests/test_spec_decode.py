@@ -61,7 +61,10 @@ def test_config_reads_vllms_keys():
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "must be a positive integer"),
         ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "model is not supported"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "<="),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3},
+            "<=",
+        ),
         ("ngram", "must be a mapping"),
     ],
 )
@@ -204,3 +207,36 @@ def test_rejection_sampling_keeps_the_target_distribution_and_seeds_reproduce():
     # a fixed seed reproduces: same drafts, same tokens
     again = [first_two_tokens(sampler, seed, random.Random(seed)) for seed in range(20)]
     assert again == [first_two_tokens(sampler, seed, random.Random(seed)) for seed in range(20)]
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def test_spec_decode_counters_reach_metrics_under_vllms_names():
+    from server.engine import spec_decode_stats
+    from server.engine_api import Load
+    from server.metrics import ServerMetrics
+    from server.scheduler.scheduler import SpecDecodingStats
+
+    stats = SpecDecodingStats()
+    stats.observe(3, 2)
+    stats.observe(3, 0)
+
+    class Engine:
+        max_model_len = 128
+
+        def load(self):
+            return Load(1, 0, 0.5, 0.0, 0.0)
+
+        def stats(self):
+            return spec_decode_stats(stats, num_speculative_tokens=3)
+
+    metrics = ServerMetrics()
+    metrics.bind(Engine(), "m")
+    text = metrics.render().decode()
+    assert 'vllm:spec_decode_num_drafts_total{model_name="m"} 2.0' in text
+    assert 'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 6.0' in text
+    assert 'vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 2.0' in text
+    for position, count in enumerate([1, 1, 0]):
+        line = f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{position}"}}'
+        assert f"{line} {count}.0" in text

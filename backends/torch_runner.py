@@ -23,6 +23,7 @@ from backends.loader import iter_safetensors
 from backends.models import model_class
 from backends.parallel import TensorParallel, use
 from backends.sampler import Sampler, SampleResult
+from backends.spec_decode.config import MTP_ALIASES
 from glm_kernels import cpu_linear
 from glm_kernels.reference import build_metadata
 from server.config import EngineConfig
@@ -85,6 +86,12 @@ class TorchModelRunner:
         self.num_blocks = 0
         self.workers = None  # rank 0 of a tensor-parallel group: backends.tp_worker.TPWorkers
         self.grammars: GrammarMatchers | None = None  # rank 0: structured-output matchers of the sampler
+        spec = config.speculative_config or {}
+        self.uses_mtp = spec.get("method") in MTP_ALIASES  # load the MTP layer: the drafter
+        self.mtp_kv_cache = None  # the MTP layer's KV cache (same block ids as the others)
+        self.last_step: tuple[SchedulerOutput, torch.Tensor] | None = (
+            None  # with MTP: the final hidden states
+        )
 
     def load_model(self) -> None:
         """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
@@ -114,6 +121,8 @@ class TorchModelRunner:
             get_device(self.config.device).set_device(self.tp.rank)
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
+            if self.uses_mtp:
+                model.add_mtp_layer()
         model.load_weights(iter_safetensors(self.model_dir, lazy=self.tp.size > 1))
         self.model = model.to(self.dtype).eval()
         if self.device.type == "cpu":
@@ -168,6 +177,8 @@ class TorchModelRunner:
         self.kv_caches = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, self.kv_dtype, self.device
         )
+        if self.uses_mtp:
+            self.kv_caches, self.mtp_kv_cache = self.kv_caches[:-1], self.kv_caches[-1]
 
     def enable_structured_outputs(self, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
         """Give the sampler grammar matchers over this tokenizer (rank 0, after load_model)."""
@@ -195,6 +206,8 @@ class TorchModelRunner:
         if not out.scheduled:
             return {}
         logits = self._on_all_ranks("run_step", step_inputs(out))
+        if self.uses_mtp:
+            self.last_step = (out, self.last_hidden)
         if logits is None:
             return {}
         sampled = [s for s in out.scheduled if s.sample]
@@ -215,9 +228,21 @@ class TorchModelRunner:
         ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)
+        if self.uses_mtp:
+            self.last_hidden = hidden
         if not step.sample_index:
             return None
         return self.model.compute_logits(hidden[torch.tensor(step.sample_index, device=self.device)])
+
+    def mtp_drafter(self, spec):
+        """The drafter of speculative decoding with method mtp (backends/spec_decode/mtp.py)."""
+        from backends.spec_decode.mtp import MtpDrafter
+
+        if self.tp.size > 1:
+            raise ValueError(
+                "speculative decoding with method mtp needs tensor_parallel_size 1 on the native engine"
+            )
+        return MtpDrafter(self, spec.num_speculative_tokens)
 
 
 def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:

@@ -327,9 +327,13 @@ def _native_speculative_config(cfg: Config, passthrough: dict[str, Any]) -> None
             "set vllm.speculative_config (--speculative-config)"
         )
     try:
-        parse_speculative_config(e.speculative_config, f"speculative_config ({source})")
+        spec = parse_speculative_config(e.speculative_config, f"speculative_config ({source})")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if spec.method == "mtp" and e.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"speculative_config ({source}): method mtp needs tensor_parallel_size 1 on the native engine"
+        )
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

@@ -15,18 +15,18 @@ from server.scheduler.request import Request
 
 class Drafter(Protocol):
     def propose(self, requests: list[Request]) -> list[list[int]]:
-        """Up to num_speculative_tokens draft token ids to follow each request's tokens ([] for none)."""
+        """Up to num_speculative_tokens draft token ids to follow each request's tokens ([] for none).
+        Called after every step, with the requests that may draft (possibly none)."""
         ...
 
 
 def propose_drafts(drafter: Drafter, config: SpeculativeConfig, running: list[Request]) -> None:
     """Set spec_token_ids of the running requests that may draft this step."""
     limit = config.disable_by_batch_size
-    if limit is not None and len(running) > limit:
-        return
-    eligible = [r for r in running if wants_drafts(r)]
-    if not eligible:
-        return
+    over_limit = limit is not None and len(running) > limit
+    eligible = [] if over_limit else [r for r in running if wants_drafts(r)]
+    # Called every step, even with no request to draft for: a model drafter (mtp) keeps its KV cache
+    # in step with the target's.
     for request, drafts in zip(eligible, drafter.propose(eligible), strict=True):
         request.spec_token_ids = drafts[: config.num_speculative_tokens]
 

@@ -122,6 +122,11 @@ class TorchModelRunner:
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
             if self.uses_mtp:
+                if not hasattr(model, "add_mtp_layer"):
+                    raise ValueError(
+                        f"speculative decoding with method mtp needs a GLM MoE model with an MTP layer; "
+                        f"{hf_config.model_type} has none: use method ngram"
+                    )
                 model.add_mtp_layer()
         model.load_weights(iter_safetensors(self.model_dir, lazy=self.tp.size > 1))
         self.model = model.to(self.dtype).eval()

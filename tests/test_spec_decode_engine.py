@@ -159,3 +159,8 @@ def test_seeded_sampling_with_drafts_reproduces(tiny_dir):
             runs.append(run_requests(engine, prompts, params))
             assert engine.scheduler.spec_stats.num_draft_tokens > 0
     assert runs[0] == runs[1]
+
+
+def test_mtp_on_a_model_without_an_mtp_layer_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match="llama has none: use method ngram"):
+        start_engine(tiny_dir, num_kv_blocks=16, speculative_config={"method": "mtp"})

@@ -28,6 +28,7 @@ from server.engine_api import (
 )
 from server.scheduler.request import Request, RequestStatus
 from server.scheduler.scheduler import Scheduler
+from server.scheduler.spec_decode_stats import spec_decode_stats
 
 log = logging.getLogger(__name__)
 
@@ -455,21 +456,6 @@ class NativeEngine:
     def _publish(self, events: list) -> None:
         if events and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, events)
-
-
-def spec_decode_stats(stats, num_speculative_tokens: int) -> dict[str, float]:
-    """The scheduler's speculative-decoding counters under the stats() keys server/metrics.py exports
-    (per draft position: `spec_decode_num_accepted_tokens_per_pos_total/<position>`)."""
-    out = {
-        "spec_decode_num_drafts_total": float(stats.num_drafts),
-        "spec_decode_num_draft_tokens_total": float(stats.num_draft_tokens),
-        "spec_decode_num_accepted_tokens_total": float(stats.num_accepted_tokens),
-    }
-    per_pos = stats.num_accepted_tokens_per_pos
-    for position in range(max(num_speculative_tokens, len(per_pos))):
-        count = per_pos[position] if position < len(per_pos) else 0
-        out[f"spec_decode_num_accepted_tokens_per_pos_total/{position}"] = float(count)
-    return out
 
 
 def _deliver(events: list) -> None:

@@ -213,10 +213,9 @@ def test_rejection_sampling_keeps_the_target_distribution_and_seeds_reproduce():
 
 
 def test_spec_decode_counters_reach_metrics_under_vllms_names():
-    from server.engine import spec_decode_stats
     from server.engine_api import Load
     from server.metrics import ServerMetrics
-    from server.scheduler.scheduler import SpecDecodingStats
+    from server.scheduler.spec_decode_stats import SpecDecodingStats, spec_decode_stats
 
     stats = SpecDecodingStats()
     stats.observe(3, 2)

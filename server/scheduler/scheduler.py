@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from server.scheduler.kv_cache import KVCacheManager
 from server.scheduler.request import Request, RequestStatus
+from server.scheduler.spec_decode_stats import SpecDecodingStats
 from server.scheduler.waiting import WaitingQueue
 
 ADMISSION_SCAN = 64  # waiting requests looked at per step past long prompts that must wait their turn
@@ -39,26 +40,6 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table after allocation (read-only)
     sample: bool  # the chunk reaches request.num_tokens: the runner samples (verifies) for it
     draft_token_ids: list[int] = field(default_factory=list)  # computed after the request's tokens
-
-
-@dataclass(slots=True)
-class SpecDecodingStats:
-    """Counters of speculative decoding, as vLLM's spec_decode metrics name them."""
-
-    num_drafts: int = 0  # verified drafts (a request's draft tokens of one step)
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    # [i]: drafts whose token i was accepted
-    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
-
-    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
-        self.num_drafts += 1
-        self.num_draft_tokens += num_draft_tokens
-        self.num_accepted_tokens += num_accepted
-        per_pos = self.num_accepted_tokens_per_pos
-        per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
-        for i in range(num_accepted):
-            per_pos[i] += 1
 
 
 @dataclass(slots=True)

@@ -115,7 +115,9 @@ def plan(
     per_device = int(weight_bytes_per_device(dims, layout, precision, mtp=mtp))
     vllm_cuda = e.backend == "vllm" and e.device == "cuda"
     stage_layers = math.ceil(dims.num_layers / layout.pp)
-    kv_token_device = kv_bytes_per_token(dims, kv_dtype, stage_layers, layout.tp, vllm_cuda)
+    # The native engine's MTP drafter keeps its KV pages in the same pool (backends/spec_decode/mtp.py)
+    kv_layers = stage_layers + (dims.mtp_layers if e.backend == "native" and uses_mtp(cfg) else 0)
+    kv_token_device = kv_bytes_per_token(dims, kv_dtype, kv_layers, layout.tp, vllm_cuda)
     kv_budget = budget - per_device
     if e.device == "cpu" and e.kv_cache_bytes:
         kv_budget = min(e.kv_cache_bytes, kv_budget)

@@ -2,14 +2,17 @@
 mask of structured outputs, greedy or temperature / top-k / top-p / min-p sampling, and logprobs.
 
 Random choices use the exponential race (argmax of probs / Exp(1) noise) with noise drawn from each
-request's own torch.Generator, so a seeded request gets the same tokens alone or inside any batch."""
+request's own torch.Generator, so a seeded request gets the same tokens alone or inside any batch (with
+speculative decoding: for the same drafts)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from backends.spec_decode.rejection import verify_greedy, verify_sampled
 from server.scheduler.request import Request
 from server.structured_output_matcher import GrammarMatchers
 
@@ -43,40 +46,64 @@ class Sampler:
             gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
         return gen
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> list[SampleResult]:
+    def __call__(
+        self, logits: torch.Tensor, reqs: list[Request], drafts: list[list[int]] | None = None
+    ) -> list[list[SampleResult]]:
+        """The tokens of each request. Without drafts, logits has one row per request and each gets one
+        token. With drafts (speculative decoding), request i owns 1 + len(drafts[i]) consecutive rows (the
+        positions of its last token and of its drafts) and gets its accepted drafts and one token more
+        (backends/spec_decode/rejection.py). Every row is processed as if the drafts before it were output
+        already (penalties, min_tokens), so accepted tokens are what decoding one by one would make."""
+        drafts = drafts or [[] for _ in reqs]
+        rows = draft_rows(reqs, drafts)
         logits = logits.float()[:, : self.vocab_size]
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in reqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(r.params.has_penalties for r in reqs):
-            logits = apply_penalties(logits, reqs)
-        if any(r.params.logit_bias for r in reqs):
-            logits = apply_logit_bias(logits, reqs)
-        mask = self.grammars.fill_mask(reqs) if self.grammars is not None else None
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        logits = suppress_stops_before_min_tokens(logits, reqs, keep_one=mask is not None)
-        tokens = torch.argmax(logits, dim=-1)
-        random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        logits = self._process(logits, rows)
+        targets = torch.argmax(logits, dim=-1).tolist()
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        probs = {}
         if random_rows:
-            rows = torch.tensor(random_rows)
-            sampled = self._sample(logits[rows], [reqs[i] for i in random_rows])
-            tokens[rows] = sampled
-        token_list = tokens.tolist()
-        results = [SampleResult(t) for t in token_list]
-        if raw_logprobs is not None:
-            for i, req in enumerate(reqs):
-                k = req.params.logprobs
-                if k is None:
-                    continue
-                results[i].logprob = float(raw_logprobs[i, token_list[i]])
-                if k > 0:
-                    top = torch.topk(raw_logprobs[i], k)
-                    results[i].top_ids = top.indices.tolist()
-                    results[i].top_logprobs = top.values.tolist()
+            random_probs = self._probs(logits[torch.tensor(random_rows)], [rows[i] for i in random_rows])
+            probs = dict(zip(random_rows, random_probs, strict=True))
+        results: list[list[SampleResult]] = []
+        first = 0
+        for req, draft in zip(reqs, drafts, strict=True):
+            span = range(first, first + len(draft) + 1)
+            if req.params.greedy:
+                tokens = verify_greedy(draft, [targets[i] for i in span])
+            else:
+                tokens = verify_sampled(draft, torch.stack([probs[i] for i in span]), self._generator(req))
+            results.append([self._result(t, raw_logprobs, first + j, req) for j, t in enumerate(tokens)])
+            first = span.stop
         return results
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+        """Penalties, logit_bias, the grammar mask and min_tokens, per row."""
+        if any(r.params.has_penalties for r in rows):
+            logits = apply_penalties(logits, rows)
+        if any(r.params.logit_bias for r in rows):
+            logits = apply_logit_bias(logits, rows)
+        mask = self.grammars.fill_mask(rows) if self.grammars is not None else None
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return suppress_stops_before_min_tokens(logits, rows, keep_one=mask is not None)
+
+    @staticmethod
+    def _result(token: int, raw_logprobs: torch.Tensor | None, row: int, req: Request) -> SampleResult:
+        k = req.params.logprobs
+        if raw_logprobs is None or k is None:
+            return SampleResult(token)
+        result = SampleResult(token, float(raw_logprobs[row, token]))
+        if k > 0:
+            top = torch.topk(raw_logprobs[row], k)
+            result.top_ids = top.indices.tolist()
+            result.top_logprobs = top.values.tolist()
+        return result
+
+    def _probs(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The distribution each row samples from: temperature, top-k, top-p, min-p."""
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs])
         logits = logits / temps[:, None]
         top_ks = [r.params.top_k for r in reqs]
@@ -88,10 +115,17 @@ class Sampler:
         if (min_ps > 0).any():
             keep = probs >= min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs * keep
-        noise = torch.stack(
-            [torch.empty(probs.shape[1]).exponential_(generator=self._generator(r)) for r in reqs]
-        )
-        return torch.argmax(probs / noise, dim=-1)
+        return probs
+
+
+def draft_rows(reqs: list[Request], drafts: list[list[int]]) -> list[Request]:
+    """The request as each of its rows sees it: row j of request i has drafts[i][:j] as output already."""
+    rows: list[Request] = []
+    for req, draft in zip(reqs, drafts, strict=True):
+        rows.append(req)
+        for j in range(1, len(draft) + 1):
+            rows.append(dataclasses.replace(req, output_token_ids=req.output_token_ids + draft[:j]))
+    return rows
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

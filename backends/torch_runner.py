@@ -23,6 +23,7 @@ from backends.loader import iter_safetensors
 from backends.models import model_class
 from backends.parallel import TensorParallel, use
 from backends.sampler import Sampler, SampleResult
+from backends.spec_decode.config import MTP_ALIASES
 from glm_kernels import cpu_linear
 from glm_kernels.reference import build_metadata
 from server.config import EngineConfig
@@ -47,15 +48,18 @@ class StepInputs:
 
 
 def step_inputs(out: SchedulerOutput) -> StepInputs:
+    """Flatten the step: each request's new tokens (and draft tokens after them) in order; the rows whose
+    logits are sampled are its last token's and its drafts'."""
     input_ids: list[int] = []
     sample_index: list[int] = []
     for s in out.scheduled:
         req = s.request
-        tokens = req.all_token_ids() if s.start + s.num_new_tokens > req.num_prompt_tokens else None
-        for pos in range(s.start, s.start + s.num_new_tokens):
-            input_ids.append(tokens[pos] if tokens is not None else req.prompt_token_ids[pos])
+        num_own = s.num_new_tokens - len(s.draft_token_ids)
+        tokens = req.all_token_ids() if s.start + num_own > req.num_prompt_tokens else req.prompt_token_ids
+        input_ids.extend(tokens[s.start : s.start + num_own])
+        input_ids.extend(s.draft_token_ids)
         if s.sample:
-            sample_index.append(len(input_ids) - 1)
+            sample_index.extend(range(len(input_ids) - len(s.draft_token_ids) - 1, len(input_ids)))
     return StepInputs(
         input_ids,
         [s.start for s in out.scheduled],
@@ -82,6 +86,12 @@ class TorchModelRunner:
         self.num_blocks = 0
         self.workers = None  # rank 0 of a tensor-parallel group: backends.tp_worker.TPWorkers
         self.grammars: GrammarMatchers | None = None  # rank 0: structured-output matchers of the sampler
+        spec = config.speculative_config or {}
+        self.uses_mtp = spec.get("method") in MTP_ALIASES  # load the MTP layer: the drafter
+        self.mtp_kv_cache = None  # the MTP layer's KV cache (same block ids as the others)
+        self.last_step: tuple[SchedulerOutput, torch.Tensor] | None = (
+            None  # with MTP: the final hidden states
+        )
 
     def load_model(self) -> None:
         """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
@@ -111,6 +121,13 @@ class TorchModelRunner:
             get_device(self.config.device).set_device(self.tp.rank)
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
+            if self.uses_mtp:
+                if not hasattr(model, "add_mtp_layer"):
+                    raise ValueError(
+                        f"speculative decoding with method mtp needs a GLM MoE model with an MTP layer; "
+                        f"{hf_config.model_type} has none: use method ngram"
+                    )
+                model.add_mtp_layer()
         model.load_weights(iter_safetensors(self.model_dir, lazy=self.tp.size > 1))
         self.model = model.to(self.dtype).eval()
         if self.device.type == "cpu":
@@ -165,6 +182,8 @@ class TorchModelRunner:
         self.kv_caches = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, self.kv_dtype, self.device
         )
+        if self.uses_mtp:
+            self.kv_caches, self.mtp_kv_cache = self.kv_caches[:-1], self.kv_caches[-1]
 
     def enable_structured_outputs(self, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
         """Give the sampler grammar matchers over this tokenizer (rank 0, after load_model)."""
@@ -186,16 +205,20 @@ class TorchModelRunner:
         self.sampler.release(request_id)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
-        """One forward pass over every scheduled chunk; a token for each request with sample=True."""
+    def execute(self, out: SchedulerOutput) -> dict[str, list[SampleResult]]:
+        """One forward pass over every scheduled chunk. Each request with sample=True gets its tokens: one,
+        or with draft tokens, the accepted drafts and one more."""
         if not out.scheduled:
             return {}
         logits = self._on_all_ranks("run_step", step_inputs(out))
+        if self.uses_mtp:
+            self.last_step = (out, self.last_hidden)
         if logits is None:
             return {}
-        sampled_reqs = [s.request for s in out.scheduled if s.sample]
-        results = self.sampler(logits.cpu(), sampled_reqs)
-        return {r.request_id: res for r, res in zip(sampled_reqs, results, strict=True)}
+        sampled = [s for s in out.scheduled if s.sample]
+        drafts = [s.draft_token_ids for s in sampled] if any(s.draft_token_ids for s in sampled) else None
+        results = self.sampler(logits.cpu(), [s.request for s in sampled], drafts)
+        return {s.request.request_id: res for s, res in zip(sampled, results, strict=True)}
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs) -> torch.Tensor | None:
@@ -210,9 +233,21 @@ class TorchModelRunner:
         ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)
+        if self.uses_mtp:
+            self.last_hidden = hidden
         if not step.sample_index:
             return None
         return self.model.compute_logits(hidden[torch.tensor(step.sample_index, device=self.device)])
+
+    def mtp_drafter(self, spec):
+        """The drafter of speculative decoding with method mtp (backends/spec_decode/mtp.py)."""
+        from backends.spec_decode.mtp import MtpDrafter
+
+        if self.tp.size > 1:
+            raise ValueError(
+                "speculative decoding with method mtp needs tensor_parallel_size 1 on the native engine"
+            )
+        return MtpDrafter(self, spec.num_speculative_tokens)
 
 
 def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:

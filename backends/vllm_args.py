@@ -72,6 +72,8 @@ def check_vllm_section(args: dict[str, Any], sources: dict[str, str]) -> None:
 
 def uses_mtp(cfg: Config) -> bool:
     """Speculative decoding with the model's own MTP layer: its weights are loaded and must be planned."""
+    if cfg.engine.backend == "native":  # the native engine's drafter (backends/spec_decode/mtp.py)
+        return (cfg.engine.speculative_config or {}).get("method") in MTP_METHODS
     spec = cfg.extra.get("vllm", {}).get("speculative_config") or {}
     return cfg.engine.backend == "vllm" and spec.get("method") in MTP_METHODS
 

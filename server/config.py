@@ -57,6 +57,10 @@ class EngineConfig:
     # auto: the model directory's generation_config.json gives the sampling defaults (as vLLM's
     # --generation-config auto); vllm: none (the API's own defaults); else a directory holding that file
     generation_config: str = "auto"
+    # Speculative decoding of the native engine, with vLLM's speculative_config keys: method (ngram | mtp),
+    # num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, disable_by_batch_size. On backend
+    # native, --speculative-config and vllm.speculative_config set it. None: no speculation.
+    speculative_config: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -287,6 +291,7 @@ def _validate_sections(cfg: Config) -> None:
                 f"server.{key} {value!r} ({source}) is not a known parser (known: {', '.join(known)})"
             )
     passthrough = cfg.extra.get("vllm", {})
+    _native_speculative_config(cfg, passthrough)
     if passthrough and cfg.engine.backend != "vllm":
         name = next(iter(passthrough))
         raise ConfigError(
@@ -302,6 +307,33 @@ def _validate_sections(cfg: Config) -> None:
     parse_usage_config(cfg.extra.get("usage"))
     parse_agent_apis_config(cfg.extra.get("agent_apis"))
     parse_routing_config(cfg.extra.get("routing"))
+
+
+def _native_speculative_config(cfg: Config, passthrough: dict[str, Any]) -> None:
+    """The native engine speculates too: on backend native, vllm.speculative_config (what
+    --speculative-config sets) becomes engine.speculative_config, checked against the keys it reads."""
+    from backends.spec_decode.config import parse_speculative_config
+
+    e = cfg.engine
+    if e.backend == "native" and "speculative_config" in passthrough:
+        e.speculative_config = passthrough.pop("speculative_config")
+        cfg.sources["engine.speculative_config"] = cfg.sources.get("vllm.speculative_config", "profile")
+    if e.speculative_config is None:
+        return
+    source = cfg.sources.get("engine.speculative_config", "profile")
+    if e.backend != "native":
+        raise ConfigError(
+            f"engine.speculative_config ({source}) is the native engine's; with backend {e.backend} "
+            "set vllm.speculative_config (--speculative-config)"
+        )
+    try:
+        spec = parse_speculative_config(e.speculative_config, f"speculative_config ({source})")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec.method == "mtp" and e.tensor_parallel_size > 1:
+        raise ConfigError(
+            f"speculative_config ({source}): method mtp needs tensor_parallel_size 1 on the native engine"
+        )
 
 
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "w8a8", "w4a8")

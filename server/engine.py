@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from backends.spec_decode.drafter import propose_drafts
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import (
@@ -27,6 +28,7 @@ from server.engine_api import (
 )
 from server.scheduler.request import Request, RequestStatus
 from server.scheduler.scheduler import Scheduler
+from server.scheduler.spec_decode_stats import spec_decode_stats
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class NativeEngine:
             "num_preemptions_total": 0.0,
         }
         self._rate = _Rate()
+        self.spec_config = self.drafter = None  # speculative decoding (set by load_model)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def load(self) -> Load:
@@ -126,6 +129,7 @@ class NativeEngine:
         except BaseException:
             self.runner.shutdown()
             raise
+        self.spec_config, self.drafter = self._make_drafter()
         kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
@@ -137,6 +141,18 @@ class NativeEngine:
             cfg.block_size,
             self.max_model_len,
         )
+
+    def _make_drafter(self):
+        """Speculative decoding's settings and drafter (None, None without speculative_config)."""
+        if self.config.speculative_config is None:
+            return None, None
+        from backends.spec_decode.config import parse_speculative_config
+        from backends.spec_decode.ngram import NgramDrafter
+
+        spec = parse_speculative_config(self.config.speculative_config)
+        if spec.method == "ngram":
+            return spec, NgramDrafter(spec, self.max_model_len)
+        return spec, self.runner.mtp_drafter(spec)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -170,6 +186,10 @@ class NativeEngine:
             self._stats["prefix_cache_queries_total"] = float(sched.prefix_cache_queries_total)
             self._stats["prefix_cache_hits_total"] = float(sched.prefix_cache_hits_total)
             self._stats["num_kv_blocks"] = float(sched.kv.num_blocks)
+            if self.spec_config is not None:
+                self._stats.update(
+                    spec_decode_stats(sched.spec_stats, self.spec_config.num_speculative_tokens)
+                )
         return dict(self._stats)
 
     # --- requests ----------------------------------------------------------------------------------
@@ -311,7 +331,12 @@ class NativeEngine:
             self.runner.drop_constraint(req.request_id)
         self._mark_scheduled(out)
         sampled = self.runner.execute(out)
-        finished = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
+        num_before = {s.request.request_id: s.request.num_output_tokens for s in out.scheduled if s.sample}
+        finished = self.scheduler.update_from_output(
+            out, {rid: [r.token_id for r in results] for rid, results in sampled.items()}
+        )
+        if self.drafter is not None:
+            propose_drafts(self.drafter, self.spec_config, self.scheduler.running)
         events: list = []
         now = time.monotonic()
         for req in out.finished:  # finished inside schedule(): can never fit
@@ -320,17 +345,20 @@ class NativeEngine:
                 events.append((choice.sink, self._final(choice, "error", error=req.error)))
                 self._retire(choice)
         finished_ids = {r.request_id for r in finished}
-        for rid, result in sampled.items():
+        num_tokens = 0
+        for rid, results in sampled.items():
             choice = self._choices.get(rid)
             if choice is None:
                 continue
-            events.append((choice.sink, self._token_delta(choice, result, rid in finished_ids, now)))
+            kept = results[: choice.request.num_output_tokens - num_before[rid]]  # none after a stop
+            num_tokens += len(kept)
+            events.append((choice.sink, self._token_delta(choice, kept, rid in finished_ids, now)))
             if choice.index == 0:
                 self._release_pending(choice.group_id)
         if finished or out.finished:
             self._rate.finished(len(finished) + len(out.finished))
-        self._stats["generation_tokens_total"] += len(sampled)
-        self._rate.tokens(len(sampled))
+        self._stats["generation_tokens_total"] += num_tokens
+        self._rate.tokens(num_tokens)
         self._publish(events)
 
     def _mark_scheduled(self, out) -> None:
@@ -340,27 +368,36 @@ class NativeEngine:
             if choice is not None and choice.scheduled_time is None:
                 choice.scheduled_time = now
 
-    def _token_delta(self, choice: _Choice, result, finished: bool, now: float) -> Delta:
+    def _token_delta(self, choice: _Choice, results: list, finished: bool, now: float) -> Delta:
+        """The delta of one step's tokens (several with speculative decoding). A stop string ends the
+        request at the token that completes it; the tokens after it are dropped."""
         req = choice.request
         if choice.first_token_time is None:
             choice.first_token_time = now
-        token = result.token_id
-        step = choice.detok.add(token, final=finished)
+        text, stop = "", None
+        for i, result in enumerate(results):
+            step = choice.detok.add(result.token_id, final=finished and i == len(results) - 1)
+            text += step.text
+            if step.stop is not None:
+                stop = step.stop
+                del req.output_token_ids[req.num_output_tokens - (len(results) - i - 1) :]
+                results = results[: i + 1]
+                break
         finish_reason = None
-        if step.stop is not None:
-            self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, step.stop)
-            req.stop_reason = step.stop
+        if stop is not None:
+            self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop)
+            req.stop_reason = stop
             finish_reason = "stop"
         elif finished:
             finish_reason = req.status.finish_reason
-            step.text += choice.detok.flush()
+            text += choice.detok.flush()
         delta = Delta(
             index=choice.index,
-            text=step.text,
-            token_ids=[token],
+            text=text,
+            token_ids=[r.token_id for r in results],
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
-            logprobs=self._logprobs(result) if req.params.logprobs is not None else None,
+            logprobs=[self._logprob(r) for r in results] if req.params.logprobs is not None else None,
             finish_reason=finish_reason,
             stop_reason=req.stop_reason,
             num_cached_tokens=req.num_cached_tokens,
@@ -371,12 +408,12 @@ class NativeEngine:
             self._retire(choice)
         return delta
 
-    def _logprobs(self, result) -> list[TokenLogprob]:
+    def _logprob(self, result) -> TokenLogprob:
         top = [
             TopLogprob(t, self._token_text(t), lp)
             for t, lp in zip(result.top_ids or [], result.top_logprobs or [], strict=True)
         ]
-        return [TokenLogprob(result.token_id, self._token_text(result.token_id), result.logprob, top)]
+        return TokenLogprob(result.token_id, self._token_text(result.token_id), result.logprob, top)
 
     def _token_text(self, token_id: int) -> str:
         return self._detok_tokenizer.decode([token_id], skip_special_tokens=False)

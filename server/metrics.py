@@ -218,7 +218,35 @@ class _EngineCollector:
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric(labels, float(stats.get(key, 0.0)))
             yield family
+        if "spec_decode_num_drafts_total" in stats:
+            yield from _spec_decode_counters(labels, stats)
         yield _cache_config_info(engine, stats)
+
+
+SPEC_DECODE_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "Number of spec decoding drafts.",
+    "vllm:spec_decode_num_draft_tokens": "Number of draft tokens.",
+    "vllm:spec_decode_num_accepted_tokens": "Number of accepted tokens.",
+}
+
+
+def _spec_decode_counters(labels: list[str], stats: dict[str, float]):
+    """Speculative decoding's counters, as vLLM names them (only an engine that drafts reports them; on the
+    vLLM backend vLLM's own registry has them, and _FirstByName keeps those)."""
+    for name, doc in SPEC_DECODE_COUNTERS.items():
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric(labels, stats[name.removeprefix("vllm:") + "_total"])
+        yield family
+    family = CounterMetricFamily(
+        "vllm:spec_decode_num_accepted_tokens_per_pos",
+        "Accepted tokens per draft position.",
+        labels=["model_name", "position"],
+    )
+    prefix = "spec_decode_num_accepted_tokens_per_pos_total/"
+    for key, value in stats.items():
+        if key.startswith(prefix):
+            family.add_metric([*labels, key.removeprefix(prefix)], value)
+    yield family
 
 
 def _cache_config_info(engine: Engine, stats: dict[str, float]) -> GaugeMetricFamily:

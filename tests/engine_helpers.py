@@ -117,10 +117,11 @@ def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
     sampler = engine.runner.sampler
     original = sampler.__call__
 
-    def recording(logits, reqs):
+    def recording(logits, reqs, drafts=None):
+        assert drafts is None, "record_logits keeps one row per request: run it without speculation"
         for row, req in zip(logits, reqs, strict=True):
             seen.setdefault(req.request_id, []).append(row.clone())
-        return original(logits, reqs)
+        return original(logits, reqs, drafts)
 
     engine.runner.sampler = type(
         "Recording", (), {"__call__": staticmethod(recording), "release": sampler.release}

@@ -46,6 +46,12 @@ FLAG_CASES = [
         "vllm.speculative_config",
         NGRAM,
     ),
+    (  # the native engine speculates too: the same flag sets its own key
+        "cpu",
+        ["--speculative-config.method", "ngram", "--speculative-config.num_speculative_tokens=3"],
+        "engine.speculative_config",
+        NGRAM,
+    ),
     ("nvidia-h200", ["--quantization", "fp8"], "vllm.quantization", "fp8"),
     ("nvidia-h200", ["--enforce-eager", "--trust-remote-code"], "vllm.enforce_eager", True),
     ("nvidia-h200", ["--max-logprobs", "7"], "vllm.max_logprobs", 7),
@@ -75,7 +81,11 @@ def test_flag_sets_its_key(profile, flags, key, value):
 
 
 REFUSED = [  # (profile, flags, message)
-    ("cpu", ["--speculative-config", '{"method": "ngram"}'], "backend is native"),
+    (
+        "cpu",
+        ["--speculative-config", '{"method": "ngram", "n": 2}'],
+        "speculative_config.*n is not supported",
+    ),
     ("cpu", ["--quantization", "fp8"], "vllm.quantization (--quantization) is a vLLM engine argument"),
     ("cpu", ["--enforce-eager"], "needs engine.backend vllm"),
     ("cpu", ["--kv-cache-dtype", "fp8_e4m3"], "engine.kv_cache_dtype fp8_e4m3 needs backend vllm"),

@@ -118,8 +118,8 @@ ERROR_CASES = [
         r"'usage.enabled' = 'maybe' \(--set usage.enabled\): expected bool",
     ),
     (
-        {"set": {"vllm.speculative_config": "{method: mtp}"}},
-        r"vllm.speculative_config \(--set vllm.speculative_config\) is a vLLM engine argument.*backend is native",
+        {"set": {"vllm.speculative_config": "{method: eagle}"}},
+        r"speculative_config \(--set vllm.speculative_config\).method must be one of ngram, mtp on the native",
     ),
     (
         {"set": {"engine.backend": "vllm", "vllm.max_model_len": "9"}},
@@ -163,7 +163,7 @@ CLI_ERRORS = [
     (
         ["serve", "--speculative-config", '{"method": "ngram"}'],
         {},
-        "needs engine.backend vllm, and the backend is native",
+        "num_speculative_tokens is required with method ngram",
     ),
     (["serve", "--reasoning-parser", "deepseek_r1"], {}, "known: glm45"),
     (["config", "show", "--set", "overflow.enabeld=true"], {}, "did you mean 'overflow.enabled'"),

@@ -227,3 +227,13 @@ def test_the_mtp_layer_is_counted_only_with_mtp_speculative_decoding():
     )
     assert with_mtp.mtp_loaded and not without.mtp_loaded
     assert with_mtp.weight_bytes_per_device > without.weight_bytes_per_device
+
+
+def test_native_mtp_counts_the_mtp_layer_and_its_kv_pages():
+    mtp = {"method": "mtp", "num_speculative_tokens": 3}
+    with_mtp = plan(load_config("cpu", {"vllm.speculative_config": mtp}), "GLM-5")
+    without = plan(load_config("cpu"), "GLM-5")
+    assert with_mtp.mtp_loaded and not without.mtp_loaded
+    assert with_mtp.weight_bytes_per_device > without.weight_bytes_per_device
+    # one layer more in the same pool: 78 decoder layers + the MTP layer
+    assert with_mtp.kv_bytes_per_token_device * 78 == without.kv_bytes_per_token_device * 79

@@ -41,7 +41,7 @@ def step(
     """One engine step with a fake runner that samples `token` for every request that samples."""
     output = scheduler.schedule()
     pick = token if callable(token) else (lambda _request: token)
-    sampled = {s.request.request_id: pick(s.request) for s in output.scheduled if s.sample}
+    sampled = {s.request.request_id: [pick(s.request)] for s in output.scheduled if s.sample}
     return output, scheduler.update_from_output(output, sampled)
 
 
@@ -258,7 +258,7 @@ def test_finish_between_schedule_and_update_is_skipped() -> None:
     output = scheduler.schedule()
     assert scheduler.finish("a", RequestStatus.FINISHED_STOPPED, stop_reason="</s>") is a
     assert a.stop_reason == "</s>" and scheduler.kv.block_table("a") == []
-    finished = scheduler.update_from_output(output, {"b": 7})  # the runner dropped a's token
+    finished = scheduler.update_from_output(output, {"b": [7]})  # the runner dropped a's token
     assert finished == [] and a.output_token_ids == [] and b.output_token_ids == [7]
     assert scheduler.finish("a", RequestStatus.FINISHED_ABORTED) is None
     assert scheduler.running == [b] and scheduler.get_request("a") is None
@@ -379,8 +379,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         assert request.status is (RequestStatus.WAITING if fits else RequestStatus.FINISHED_ERROR)
 
-    @rule(seed=st.integers(0, 2**32 - 1), abort_midway=st.booleans())
-    def step(self, seed: int, abort_midway: bool) -> None:
+    @rule(seed=st.integers(0, 2**32 - 1), abort_midway=st.booleans(), speculate=st.booleans())
+    def step(self, seed: int, abort_midway: bool, speculate: bool) -> None:
         scheduler, kv = self.scheduler, self.scheduler.kv
         had_work = scheduler.num_running + scheduler.num_waiting > 0
         output = scheduler.schedule()
@@ -391,12 +391,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         if abort_midway and output.scheduled:
             victim = rng.choice(output.scheduled).request
             self.report(scheduler.abort([victim.request_id]))
-        sampled = {s.request.request_id: rng.randrange(VOCAB) for s in output.scheduled if s.sample}
+        sampled = {  # speculative decoding: a random prefix of the drafts is accepted, then one token
+            s.request.request_id: s.draft_token_ids[: rng.randint(0, len(s.draft_token_ids))]
+            + [rng.randrange(VOCAB)]
+            for s in output.scheduled
+            if s.sample
+        }
         self.report(scheduler.update_from_output(output, sampled))
         for s in output.scheduled:
             if s.sample and s.request.status is not RequestStatus.FINISHED_ABORTED:
                 self.check_stop(s.request)
         kv.check_invariants()
+        if speculate:  # drafts for the next step, as the engine's drafter would set them
+            for request in scheduler.running:
+                request.spec_token_ids = [rng.randrange(VOCAB) for _ in range(rng.randint(0, 3))]
 
     def check_stop(self, request: Request) -> None:
         """The status after a sampled token is what the stop rules say, in their order of precedence."""
@@ -426,10 +434,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert kv.block_table(request.request_id) == [] and request in scheduler.waiting
         for s in output.scheduled:
             request, end = s.request, s.start + s.num_new_tokens
+            num_drafts = len(s.draft_token_ids)
             assert request.status is RequestStatus.RUNNING and s.start == request.num_computed_tokens
-            assert (
-                s.num_new_tokens > 0 and end <= request.num_tokens and s.sample == (end == request.num_tokens)
-            )
+            assert s.num_new_tokens > 0 and end - num_drafts <= request.num_tokens
+            assert s.sample == (end - num_drafts == request.num_tokens)
+            if num_drafts:  # only a decoding request verifies drafts, within its limits
+                assert s.start == request.num_tokens - 1
+                assert request.num_output_tokens + num_drafts < request.params.max_tokens
+                assert request.num_tokens + num_drafts < scheduler.max_model_len
             assert s.block_ids == kv.block_table(request.request_id) and len(s.block_ids) * size >= end
             for position in range(s.start):
                 block = s.block_ids[position // size]
@@ -437,8 +449,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             for index in range(s.start // size, -(-end // size)):
                 assert kv.ref_count(s.block_ids[index]) == 1, "writes into a shared block"
         for s in output.scheduled:
+            tokens = s.request.all_token_ids() + s.draft_token_ids
             for position in range(s.start, s.start + s.num_new_tokens):
-                self.memory[s.block_ids[position // size]][position % size] = s.request.token_id(position)
+                self.memory[s.block_ids[position // size]][position % size] = tokens[position]
 
     @precondition(lambda self: self.scheduler.has_unfinished())
     @rule(data=st.data(), abort=st.booleans())
@@ -479,7 +492,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(bound):
             if not scheduler.has_unfinished():
                 break
-            self.step(seed=len(self.reported), abort_midway=False)
+            self.step(seed=len(self.reported), abort_midway=False, speculate=True)
         assert not scheduler.has_unfinished(), f"not drained within {bound} steps"
         assert {r.request_id for r in self.requests} == self.reported
         assert scheduler.kv.num_free_blocks() == scheduler.kv.num_blocks and scheduler.kv.usage() == 0.0

@@ -110,19 +110,25 @@ def fused_qkv_slot(qkv: ColumnParallelLinear, rest: str) -> Slot | None:
 
 # --- checkpoint loading -----------------------------------------------------------------------------------
 def load_checkpoint(
-    model: nn.Module, named_tensors: Iterable[tuple[str, Any]], num_layers: int, tie: bool
+    model: nn.Module, named_tensors: Iterable[tuple[str, Any]], num_layers: int, tie: bool, mtp: bool = False
 ) -> None:
     """Copy a Hugging Face checkpoint into `model` (this rank's parts of it). Names load as they are where
     they match a parameter; fused or split parameters are placed by the innermost module that has a
-    `checkpoint_slot(rest)`. Layers from `num_layers` on (GLM's multi-token-prediction layers: no
-    speculative decoding) are skipped, and so is lm_head when tied. Tensors a module gives to another rank
-    (OTHER_RANK) are never read. Returns how many tensors of layers from `num_layers` on were skipped."""
+    `checkpoint_slot(rest)`. Layers from `num_layers` on (GLM's multi-token-prediction layers) are skipped,
+    except, with `mtp`, layer num_layers, which loads into model.mtp (less its copies of the embedding and
+    the head: mtp.py); lm_head is skipped when tied. Tensors a module gives to another rank (OTHER_RANK)
+    are never read. Returns how many tensors of layers from `num_layers` on were skipped."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     skipped_mtp, unknown = 0, []
+    mtp_prefix = f"layers.{num_layers}."
     for name, tensor in named_tensors:
         name = name.removeprefix("model.")
+        if mtp and name.startswith(mtp_prefix):
+            name = "mtp." + name.removeprefix(mtp_prefix)
+            if name in ("mtp.embed_tokens.weight", "mtp.shared_head.head.weight"):
+                continue
         match = re.match(r"layers\.(\d+)\.", name)
         if match and int(match.group(1)) >= num_layers:
             skipped_mtp += 1
@@ -180,13 +186,15 @@ class GqaKvCache:
     num_kv_heads: int
     head_dim: int
 
+    num_kv_layers: int  # the model's layers with a KV cache
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_kv_layers * self.num_kv_heads * self.head_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         return [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in self.layers
+            for _ in range(self.num_kv_layers)
         ]

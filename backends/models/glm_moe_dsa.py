@@ -8,7 +8,8 @@ of the last full layer before them. The cache of a layer is (latent rows, indexe
 Under tensor parallelism the indexer is replicated (every rank computes the same selection and keeps all
 indexer keys, like the latent: see mla.py); the attention heads are split.
 
-The MTP layer (num_nextn_predict_layers, stored as layer num_hidden_layers) is skipped at load: see moe.py."""
+The MTP layer (num_nextn_predict_layers, stored as layer num_hidden_layers) loads only for speculative
+decoding with method mtp (moe.py, mtp.py); it has an indexer of its own."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class DsaAttention(MlaAttention):
 class GlmMoeDsaForCausalLM(MlaCausalLM):
     def __init__(self, config):
         kinds = getattr(config, "indexer_types", None) or ["full"] * config.num_hidden_layers
-        full = [kind != "shared" for kind in kinds]
+        full = [kind != "shared" for kind in kinds] + [True]  # the MTP layer selects its own keys
         rope = MlaRope(config, config.qk_rope_head_dim, interleaved=True)
         super().__init__(config, lambda layer: DsaAttention(config, rope, full[layer]))
         self.full_indexer = full
@@ -79,12 +80,13 @@ class GlmMoeDsaForCausalLM(MlaCausalLM):
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return super().kv_bytes_per_token(dtype) + sum(self.full_indexer) * self.index_dim * elem
+        num_full = sum(self.full_indexer[: self.num_kv_layers])
+        return super().kv_bytes_per_token(dtype) + num_full * self.index_dim * elem
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
         latents = super().allocate_kv_cache(num_blocks, block_size, dtype, device)
         keys_shape = (num_blocks, block_size, self.index_dim)
         return [
             (latent, torch.zeros(keys_shape, dtype=dtype, device=device) if full else None)
-            for latent, full in zip(latents, self.full_indexer, strict=True)
+            for latent, full in zip(latents, self.full_indexer[: self.num_kv_layers], strict=True)
         ]

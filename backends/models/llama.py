@@ -88,6 +88,7 @@ class LlamaForCausalLM(GqaKvCache, nn.Module):
         self.lm_head = None if self.tie else ParallelLMHead(config.vocab_size, config.hidden_size)
         self.num_kv_heads = self.layers[0].self_attn.num_kv_heads  # this rank's
         self.head_dim = head_dim
+        self.num_kv_layers = len(self.layers)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

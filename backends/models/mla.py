@@ -133,8 +133,8 @@ class MlaCausalLM(GlmCausalLM):
         self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return len(self.layers) * self.latent_dim * torch.empty((), dtype=dtype).element_size()
+        return self.num_kv_layers * self.latent_dim * torch.empty((), dtype=dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
         shape = (num_blocks, block_size, self.latent_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_kv_layers)]

@@ -162,9 +162,9 @@ class SparseMoE(nn.Module):
 def is_moe_layer(config, layer: int) -> bool:
     """`mlp_layer_types` where the config has it (GLM-4.7-Flash, GLM-5), else `first_k_dense_replace`."""
     kinds = getattr(config, "mlp_layer_types", None)
-    if kinds:
+    if kinds and layer < len(kinds):
         return kinds[layer] == "sparse"
-    return layer >= config.first_k_dense_replace
+    return layer >= config.first_k_dense_replace  # the MTP layer (num_hidden_layers) is an MoE layer
 
 
 class DecoderLayer(nn.Module):
@@ -185,8 +185,9 @@ class GlmCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head. Subclasses build each layer's attention and own
     the KV-cache layout (kv_bytes_per_token, allocate_kv_cache).
 
-    Multi-token-prediction (MTP) layers, which GLM checkpoints store as layers num_hidden_layers.., are not
-    used (no speculative decoding): their tensors are skipped at load."""
+    Multi-token-prediction (MTP) layers, which GLM checkpoints store as layers num_hidden_layers.., are
+    skipped at load unless add_mtp_layer() made room for the first (speculative decoding with method mtp:
+    mtp.py); the KV-cache layouts then count one layer more."""
 
     def __init__(self, config, make_attention: Callable[[int], nn.Module]):
         super().__init__()
@@ -199,6 +200,21 @@ class GlmCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie else ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.make_attention = make_attention
+        self.mtp = None  # MtpLayer, with add_mtp_layer()
+
+    def add_mtp_layer(self) -> None:
+        """Build the checkpoint's MTP layer (before load_weights) for speculative decoding."""
+        from backends.models.mtp import MtpLayer
+
+        if not getattr(self.config, "num_nextn_predict_layers", 0):
+            raise ValueError("the model has no MTP layer (num_nextn_predict_layers is 0): use method ngram")
+        self.mtp = MtpLayer(self.config, self.num_layers, self.make_attention(self.num_layers))
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers with a KV cache: the decoder layers, and the MTP layer when built (the last one)."""
+        return len(self.layers) + (self.mtp is not None)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -216,6 +232,6 @@ class GlmCausalLM(nn.Module):
         return self.logits_layer().logits(hidden)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skipped_mtp = load_checkpoint(self, named_tensors, self.num_layers, self.tie)
+        skipped_mtp = load_checkpoint(self, named_tensors, self.num_layers, self.tie, self.mtp is not None)
         if skipped_mtp:
             log.info("skipped %d tensors of the MTP layer(s) (no speculative decoding)", skipped_mtp)

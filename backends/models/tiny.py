@@ -145,12 +145,7 @@ def _append_mtp_layers(config, out_dir: Path, count: int) -> None:
     from transformers import AutoModelForCausalLM
 
     n, hidden = config.num_hidden_layers, config.hidden_size
-    bigger = config.to_dict()
-    bigger["num_hidden_layers"] = n + count
-    for key in ("indexer_types", "mlp_layer_types", "layer_types"):
-        if bigger.get(key):
-            bigger[key] = bigger[key] + bigger[key][-1:] * count
-    donor = AutoModelForCausalLM.from_config(type(config)(**bigger), dtype=torch.float32)
+    donor = AutoModelForCausalLM.from_config(with_mtp_layers(config, count), dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         donor.save_pretrained(tmp)  # the hub's per-expert layout
         donor_tensors = load_file(Path(tmp) / "model.safetensors")
@@ -165,6 +160,17 @@ def _append_mtp_layers(config, out_dir: Path, count: int) -> None:
         tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
         tensors[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def with_mtp_layers(config, count: int):
+    """The config with its MTP layers as ordinary decoder layers (the per-layer lists extended by their
+    last kind): the model transformers builds from it holds them as layers num_hidden_layers.."""
+    bigger = config.to_dict()
+    bigger["num_hidden_layers"] = config.num_hidden_layers + count
+    for key in ("indexer_types", "mlp_layer_types", "layer_types"):
+        if bigger.get(key):
+            bigger[key] = bigger[key] + bigger[key][-1:] * count
+    return type(config)(**bigger)
 
 
 def write_tiny_glm5(out_dir: Path, seed: int = 0) -> Path:

@@ -93,6 +93,8 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # Draft tokens proposed to follow its tokens (speculative decoding); the next schedule() verifies them.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

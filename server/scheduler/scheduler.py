@@ -5,6 +5,11 @@ num_tokens (prompt + output). A prompt is computed in chunks under the per-step 
 step is a chunk of one token, and a request preempted by recompute starts again from zero with its
 generated tokens kept.
 
+Speculative decoding (vLLM v1's model): a decoding request may carry draft tokens (request.spec_token_ids).
+They are scheduled with its decode token, KV slots are allocated for them, and the runner returns the
+accepted drafts plus one token of its own; num_computed_tokens then advances by accepted + 1, so the slots
+of rejected drafts are simply computed again (overwritten) by the next step.
+
 Prefill fairness (vLLM's long_prefill_token_threshold / max_long_partial_prefills): while other requests
 wait, no request computes more than long_prefill_token_threshold tokens in one step, so a long prompt
 leaves budget for the short requests behind it (alone, it takes the whole budget); and at most max_long_partial_prefills prompts longer than the
@@ -15,10 +20,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.scheduler.kv_cache import KVCacheManager
 from server.scheduler.request import Request, RequestStatus
+from server.scheduler.spec_decode_stats import SpecDecodingStats
 from server.scheduler.waiting import WaitingQueue
 
 ADMISSION_SCAN = 64  # waiting requests looked at per step past long prompts that must wait their turn
@@ -32,7 +38,8 @@ class ScheduledRequest:
     start: int  # request.num_computed_tokens at schedule time
     num_new_tokens: int
     block_ids: list[int]  # the request's whole block table after allocation (read-only)
-    sample: bool  # the chunk reaches request.num_tokens: the runner samples one token for it
+    sample: bool  # the chunk reaches request.num_tokens: the runner samples (verifies) for it
+    draft_token_ids: list[int] = field(default_factory=list)  # computed after the request's tokens
 
 
 @dataclass(slots=True)
@@ -80,6 +87,7 @@ class Scheduler:
         self.prefix_cache_hits_total = 0  # of those, tokens found cached
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._refused: list[Request] = []  # finished in add(), reported by the next schedule()
+        self.spec_stats = SpecDecodingStats()
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -166,7 +174,14 @@ class Scheduler:
             if num_new <= 0:  # nothing to compute (the previous step's output was never applied)
                 index += 1
                 continue
-            block_ids = self.kv.allocate_slots(request, num_new)
+            drafts = self._drafts_that_fit(request, budget)
+            block_ids = self.kv.allocate_slots(request, num_new + len(drafts)) if drafts else None
+            if block_ids is not None:
+                scheduled.append(self._scheduled(request, num_new + len(drafts), block_ids, drafts))
+                budget -= num_new + len(drafts)
+                index += 1
+                continue
+            block_ids = self.kv.allocate_slots(request, num_new)  # no drafts when blocks run short
             while block_ids is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -252,20 +267,39 @@ class Scheduler:
         """A prompt (or recompute) over the threshold, part-way through: more than the threshold to go."""
         return request.num_tokens - request.num_computed_tokens > self.long_prefill_token_threshold
 
+    def _drafts_that_fit(self, request: Request, budget: int) -> list[int]:
+        """The request's draft tokens this step may verify: it must be decoding (one token to compute),
+        and the drafts fit the token budget, max_tokens and the context length (counting the token the
+        runner adds after them). They are taken from the request either way: a draft is used once."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        if not drafts or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        room = min(
+            budget - 1,
+            request.params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return drafts[: max(room, 0)]
+
     @staticmethod
-    def _scheduled(request: Request, num_new: int, block_ids: list[int]) -> ScheduledRequest:
+    def _scheduled(
+        request: Request, num_new: int, block_ids: list[int], drafts: list[int] | None = None
+    ) -> ScheduledRequest:
         start = request.num_computed_tokens
+        drafts = drafts or []
         return ScheduledRequest(
             request=request,
             start=start,
             num_new_tokens=num_new,
             block_ids=block_ids,
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new - len(drafts) == request.num_tokens,
+            draft_token_ids=drafts,
         )
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop its KV blocks, keep its tokens, queue it first."""
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -274,10 +308,11 @@ class Scheduler:
 
     # -- results -------------------------------------------------------------------------------------
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Apply one executed step: advance computed tokens, cache full blocks, append the sampled token
-        of each request that sampled, and finish those that hit a stop condition. Requests finished
-        since schedule() (finish()/abort()) are skipped. Returns the requests that finished here."""
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Apply one executed step: advance computed tokens, append the tokens each sampling request got
+        (its accepted draft tokens, then the runner's own), cache full blocks, and finish those that hit
+        a stop condition (tokens after the stop are dropped). Requests finished since schedule()
+        (finish()/abort()) are skipped. Returns the requests that finished here."""
         finished: list[Request] = []
         block_size = self.kv.block_size
         for item in output.scheduled:
@@ -285,21 +320,33 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue
             assert request.num_computed_tokens == item.start, f"{request.request_id}: stale output"
-            end = item.start + item.num_new_tokens
-            request.num_computed_tokens = end
-            if end // block_size > item.start // block_size:  # some block just became full
-                self.kv.cache_full_blocks(request)
-            if not item.sample:
-                continue
-            token_id = sampled[request.request_id]
-            request.output_token_ids.append(token_id)
-            if self._check_stop(request, token_id):
+            tokens = sampled[request.request_id] if item.sample else []
+            num_drafts = len(item.draft_token_ids)
+            if num_drafts:
+                assert 1 <= len(tokens) <= num_drafts + 1, f"{request.request_id}: {len(tokens)} tokens"
+                self.spec_stats.observe(num_drafts, len(tokens) - 1)
+            num_rejected = num_drafts + 1 - len(tokens) if num_drafts else 0
+            stopped = self._append_output(request, tokens)
+            # A stop among the accepted drafts drops the tokens after it, and their positions with them.
+            end = item.start + item.num_new_tokens - num_rejected
+            request.num_computed_tokens = min(end, request.num_tokens - 1) if stopped else end
+            if request.num_computed_tokens // block_size > item.start // block_size:
+                self.kv.cache_full_blocks(request)  # some block just became full
+            if stopped:
                 self._requests.pop(request.request_id, None)
                 self.kv.free(request)
                 finished.append(request)
         if finished:
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         return finished
+
+    def _append_output(self, request: Request, tokens: list[int]) -> bool:
+        """Append tokens up to the first that ends the request; True if one did."""
+        for token_id in tokens:
+            request.output_token_ids.append(token_id)
+            if self._check_stop(request, token_id):
+                return True
+        return False
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """Set the finished status if the just-sampled token ends the request; True if it does."""

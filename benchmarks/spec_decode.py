@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, benchmarks/ comes first on the path, and its kernels.py would shadow Hugging Face's.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.offline_throughput import cpu_model, git_commit  # noqa: E402
 from server.config import EngineConfig  # noqa: E402

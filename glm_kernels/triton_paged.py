@@ -15,7 +15,7 @@ Per AttnGroup of the metadata (glm_kernels.reference.build_metadata):
   - decode (q_len == 1): split-KV flash decoding. One program per (request, kv head, split) computes all
     query heads of the GQA group (padded to 16 rows for tl.dot) against its share of the context, so every
     K/V byte is read once; splits > 1 write fp32 partials (output, log2-sum-exp) that a second kernel
-    combines. The number of splits is chosen to fill the GPU (tunable; benchmarks/kernels.py sweeps it).
+    combines. The number of splits is chosen to fill the GPU (tunable; benchmarks/gpu_kernels.py sweeps it).
   - prefill chunks: one program per (query tile of BLOCK_M rows, request, head) streams the request's keys
     up to the tile's last causal position, masking by position (a prefix may end mid-block).
 

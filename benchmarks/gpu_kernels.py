@@ -15,7 +15,7 @@ best of a small sweep (each swept configuration is checked too), next to
 Bytes = what a decode kernel must move: every visible K/V (or latent) row once, the queries, the outputs.
 Copy bandwidth = 2 x bytes / time of a 1 GiB device-to-device copy.
 
-    python benchmarks/kernels.py [--profile nvidia-h100] [--quick]        # about 2-5 minutes on an H100
+    python benchmarks/gpu_kernels.py [--profile nvidia-h100] [--quick]        # about 2-5 minutes on an H100
 Writes benchmarks/results/kernels_<time>.json and prints a markdown table for benchmarks/KERNELS.md.
 --smoke runs tiny shapes through Triton's interpreter on CPU to check this script, not to time anything.
 """
@@ -286,7 +286,7 @@ def machine() -> dict:
 
 def main() -> dict:
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --smoke to check the script on CPU)")
+        sys.exit("benchmarks/gpu_kernels.py needs a CUDA GPU (or --smoke to check the script on CPU)")
     if ARGS.smoke:
         ARGS.batch, ARGS.context, ARGS.topk, ARGS.budget_s = 3, 70, 24, min(ARGS.budget_s, 20.0)
     dtype = getattr(torch, ARGS.dtype)

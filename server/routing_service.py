@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.agent_apis import parse_agent_apis_config
-from server.asgi_body import replay
+from server.asgi_body import body_json, replay
 from server.config import ANONYMOUS_KEY, ApiKey, Config
 from server.errors import APIError, bad_request
 from server.overflow import OVERFLOW_HEADER
@@ -382,7 +382,7 @@ class RoutingMiddleware:
         if raw is None:  # the client left while sending its body
             return
         try:
-            body = json.loads(raw) if raw else None
+            body = body_json(scope, raw) if raw else None  # a large body: parsed by the guard, off the loop
             plan = service.plan(scope, body)
         except ValueError:
             plan = None  # not JSON: the app answers 400

@@ -18,7 +18,7 @@ import pytest
 from backends.models.tiny import build_glm_tokenizer
 from server.engine_api import Delta, GenerateRequest
 from server.routes import translated_chat
-from tests.conftest import API_KEY, EngineProxy
+from tests.conftest import API_KEY, EngineProxy, wait_until
 from tests.test_overflow_http import (  # noqa: F401  (deploy and no_unexpected_errors are fixtures)
     LOCAL_MODEL,
     SATURATED,
@@ -207,10 +207,16 @@ def test_one_ledger_row_per_request_with_the_counts_the_client_saw(scripted):
     response = scripted.client().responses.create(
         model=scripted.client().models.list().data[0].id, input="Hi"
     )
-    assert ledger.flush()
-    with sqlite3.connect(ledger.path) as db:
-        db.row_factory = sqlite3.Row
-        rows = {r["request_id"]: dict(r) for r in db.execute("SELECT * FROM usage")}
+    rows: dict[str, dict] = {}
+
+    def both_written() -> bool:  # the observer records a request after its response has gone out
+        assert ledger.flush()
+        with sqlite3.connect(ledger.path) as db:
+            db.row_factory = sqlite3.Row
+            rows.update((r["request_id"], dict(r)) for r in db.execute("SELECT * FROM usage"))
+        return {message.id, response.id} <= rows.keys()
+
+    assert wait_until(both_written), sorted(rows)
     for request_id, endpoint, api, usage in (
         (message.id, "/v1/messages", "messages",
          (message.usage.input_tokens + message.usage.cache_read_input_tokens, message.usage.output_tokens)),

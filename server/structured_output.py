@@ -59,11 +59,15 @@ def closed_schema(schema: Any) -> Any:
     return closed
 
 
+def laid_out(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema as every grammar here compiles it: closed, with the JSON layout for llguidance
+    (x-guidance), so both engines and the tool-call grammars write the same JSON."""
+    return {**closed_schema(schema), "x-guidance": JSON_LAYOUT}
+
+
 def laid_out_schema(constraint: StructuredOutput) -> dict[str, Any]:
-    """The JSON schema a json or json_object constraint compiles: closed, with the JSON layout for
-    llguidance (x-guidance), so both engines write the same JSON."""
-    schema = closed_schema(constraint.value) if constraint.kind == "json" else {"type": "object"}
-    return {**schema, "x-guidance": JSON_LAYOUT}
+    """The JSON schema a json or json_object constraint compiles."""
+    return laid_out(constraint.value if constraint.kind == "json" else {"type": "object"})
 
 
 def llguidance_grammar(constraint: StructuredOutput) -> str:

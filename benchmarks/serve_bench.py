@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench.metrics import parse_goodput  # noqa: E402
 from benchmarks.bench.servers import ServerSpec, glm_serve_spec, url_spec, vllm_available, vllm_spec  # noqa: E402
 from benchmarks.bench.suite import Suite, SuiteError, Workload, load_suite  # noqa: E402
+from benchmarks.bench.tiny_model import TINY_LLAMA, tiny_llama_dir  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -117,7 +118,10 @@ def endpoint_suite(args: argparse.Namespace) -> Suite:
 
 
 def suite_servers(suite: Suite, args: argparse.Namespace, model: str, notes: list[str]) -> list[ServerSpec]:
-    servers = [glm_serve_spec(suite.profile, Path(model) if args.model or suite.model else None)]
+    own_args = tuple(str(a) for a in suite.glm_serve.get("args", []))
+    servers = [
+        glm_serve_spec(suite.profile, Path(model) if args.model or suite.model else None, extra_args=own_args)
+    ]
     for baseline in args.baseline:
         if baseline == "vllm":
             if not vllm_available():
@@ -166,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_run:
         return finish(runner.load_run(suite, Path(args.from_run)), args)
     model = args.model or suite.model
-    if model is None or (args.suite is None and args.tokenizer is None):
+    if model == TINY_LLAMA:
+        model = str(tiny_llama_dir())
+    elif model is None or (args.suite is None and args.tokenizer is None):
         from backends.loader import resolve_model_dir
 
         model = str(resolve_model_dir(model))

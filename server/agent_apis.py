@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError
-from server.config_schema import build_section
+from server.config_schema import ConfigError, build_section
 from server.errors import model_not_found
 from server.usage import state_dir
 

@@ -20,7 +20,8 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.config import ApiKey, Config, ServerConfig, collect_api_keys
+from server.api_keys import ApiKey
+from server.config import Config, ServerConfig, collect_api_keys
 from server.engine_api import Engine
 from server.errors import install_error_handlers, unauthorized
 from server.frontend_pool import FrontendPool

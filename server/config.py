@@ -5,7 +5,6 @@ type and names the key, its source and the closest known name in errors. Adding 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,16 @@ from typing import Any
 
 import yaml
 
+from backends.devices import device_class, get_accelerator
+from backends.spec_decode.config import parse_speculative_config
+from backends.vllm_args import check_vllm_section
 from server import config_schema as schema
+from server.agent_apis import parse_agent_apis_config
+from server.api_keys import KEY_ROLES, ApiKey, api_key_id
 from server.config_schema import ConfigError
+from server.overflow import parse_overflow_config
+from server.routing import parse_routing_config
+from server.usage import parse_usage_config
 
 # The shipped profiles: configs/ beside the packages, in a checkout and in an installed wheel alike
 # (pyproject.toml ships it as package data).
@@ -119,25 +126,6 @@ class Config:
 
 
 _EXTRA_SECTIONS = ("overflow", "usage", "routing", "vllm", "notes", "agent_apis")
-KEY_ROLES = ("sovereign", "force_overflow", "admin")
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """What a presented key may do. key_id is the key's sha256 (16 hex digits): the ledger and logs see
-    only that, never the key."""
-
-    key_id: str
-    sovereign: bool = False
-    force_overflow: bool = False
-    admin: bool = False
-
-
-ANONYMOUS_KEY = ApiKey(key_id="anonymous")  # no API keys configured
-
-
-def api_key_id(raw: str | bytes) -> str:
-    return hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode()).hexdigest()[:16]
 
 
 def collect_api_keys(server: ServerConfig) -> dict[str, ApiKey]:
@@ -276,13 +264,8 @@ REASONING_PARSERS = ("glm45",)  # <think> blocks of GLM-4.5 to GLM-5 (vLLM's nam
 
 
 def _validate_sections(cfg: Config) -> None:
-    """The server's parser names, the vllm section, and the overflow, usage and agent_apis sections, parsed by their own
-    modules (imported here: they import this one)."""
-    from server.agent_apis import parse_agent_apis_config
-    from server.overflow import parse_overflow_config
-    from server.routing import parse_routing_config
-    from server.usage import parse_usage_config
-
+    """The server's parser names, the vllm section, and the overflow, usage, agent_apis and routing
+    sections, parsed by their own modules."""
     for key, known in (("tool_call_parser", TOOL_CALL_PARSERS), ("reasoning_parser", REASONING_PARSERS)):
         value = getattr(cfg.server, key)
         if value is not None and value not in known:
@@ -299,8 +282,6 @@ def _validate_sections(cfg: Config) -> None:
             f"engine.backend vllm, and the backend is {cfg.engine.backend}"
         )
     if passthrough:
-        from backends.vllm_args import check_vllm_section
-
         check_vllm_section(passthrough, cfg.sources)
 
     parse_overflow_config(cfg.extra.get("overflow"))
@@ -312,8 +293,6 @@ def _validate_sections(cfg: Config) -> None:
 def _native_speculative_config(cfg: Config, passthrough: dict[str, Any]) -> None:
     """The native engine speculates too: on backend native, vllm.speculative_config (what
     --speculative-config sets) becomes engine.speculative_config, checked against the keys it reads."""
-    from backends.spec_decode.config import parse_speculative_config
-
     e = cfg.engine
     if e.backend == "native" and "speculative_config" in passthrough:
         e.speculative_config = passthrough.pop("speculative_config")
@@ -343,8 +322,6 @@ QUANTIZED_WEIGHTS = ("fp8", "w8a8", "w4a8")
 
 def _validate_hardware(e: EngineConfig) -> None:
     """Impossible combinations of device, accelerator, dtypes, kernels and parallel layout."""
-    from backends.devices import device_class, get_accelerator
-
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "expert_parallel_size",
                  "nodes", "devices_per_node"):  # fmt: skip
         if getattr(e, name) < 1:

@@ -33,6 +33,7 @@ from server.errors import (
     too_many_requests,
     unavailable,
 )
+from server.request_record import request_record
 
 QUIET_PATHS = frozenset({"/health", "/metrics"})  # not in-flight work: never refused for load here
 POOL_PARSE_BYTES = 64 * 1024  # bodies larger than this are parsed (and checked) in the front-end pool
@@ -107,10 +108,10 @@ class RequestGuard:
             body = await self._read_body(scope, receive)
             await self._check_json(scope, body)
         except _ClientGone:
-            scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
+            request_record(scope).status = 499
             return
         except asyncio.CancelledError:  # the server stops while the body is still arriving
-            scope.setdefault("state", {}).setdefault("access", {})["status"] = 499
+            request_record(scope).status = 499
             raise
         except APIError as error:
             await error.response(scope["path"])(scope, receive, send)

@@ -7,9 +7,9 @@ the usage ledger, and sent to the overflow upstream. RequestObserver binds the r
 (bind_request) for the time the request runs, so every line logged on its behalf carries its id.
 
 JSON lines are one object per line: time, level, logger, message, request_id, trace_id, exception; an
-access line (logger glm_serve.access) carries the access fields instead of a message: method, path,
-status, model, served_by, prompt_tokens, completion_tokens, ttft_s, latency_s and the rest. Prompts
-leave the access fields unless server.log_prompts; API keys and the upstream key are replaced by
+access line (logger glm_serve.access) carries the request's record (server/request_record.py) instead of
+a message: method, path, status, model, served_by, prompt_tokens, completion_tokens, ttft_s, latency_s
+and the rest. Prompts stay out of it unless server.log_prompts; API keys and the upstream key are replaced by
 [redacted] in every line, whatever logged them."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import sys
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from server import tracing
+from server.request_record import RequestRecord
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._~:;/+=@-]{1,128}$")
 LOG_FORMATS = ("text", "json")
@@ -36,7 +36,7 @@ REDACTED = "[redacted]"
 
 @dataclass(slots=True)
 class RequestContext:
-    access: dict[str, Any]  # the request's access fields (server/metrics.py: RequestObserver)
+    record: RequestRecord  # the request's record (server/metrics.py: RequestObserver)
     traceparent: str | None = None
 
 
@@ -47,20 +47,11 @@ def valid_request_id(value: str | None) -> str | None:
     return value if value and REQUEST_ID.match(value) else None
 
 
-def request_id_of(access: dict[str, Any]) -> str:
-    """The request id (see the module docstring); generated and kept on first use if there is none."""
-    if access.get("request_id"):
-        return str(access["request_id"])
-    return str(access.setdefault("id", f"req-{uuid.uuid4().hex[:12]}"))
-
-
 @contextmanager
-def bind_request(access: dict[str, Any], headers: Mapping[str, str]) -> Iterator[RequestContext]:
+def bind_request(record: RequestRecord, headers: Mapping[str, str]) -> Iterator[RequestContext]:
     """Take the client's X-Request-Id (when valid) and traceparent; tag log lines with them meanwhile."""
-    incoming = valid_request_id(headers.get("x-request-id"))
-    if incoming is not None:
-        access["request_id"] = incoming
-    context = RequestContext(access, tracing.valid_traceparent(headers.get("traceparent")))
+    record.client_request_id = valid_request_id(headers.get("x-request-id"))
+    context = RequestContext(record, tracing.valid_traceparent(headers.get("traceparent")))
     token = _current.set(context)
     try:
         yield context
@@ -69,10 +60,10 @@ def bind_request(access: dict[str, Any], headers: Mapping[str, str]) -> Iterator
 
 
 def upstream_headers(
-    access: dict[str, Any], upstream_span: Any, incoming: Mapping[str, str]
+    record: RequestRecord, upstream_span: Any, incoming: Mapping[str, str]
 ) -> dict[str, str]:
     """What the overflow upstream gets to correlate: X-Request-Id, traceparent and tracestate."""
-    return {"X-Request-Id": request_id_of(access), **tracing.propagation_headers(upstream_span, incoming)}
+    return {"X-Request-Id": record.request_id, **tracing.propagation_headers(upstream_span, incoming)}
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
@@ -105,8 +96,7 @@ class RequestFilter(logging.Filter):
         record.request_id = None
         record.trace_id = None
         if context is not None:
-            access = context.access
-            record.request_id = access.get("request_id") or access.get("id")
+            record.request_id = context.record.client_request_id or context.record.id
             record.trace_id = tracing.trace_id(context.traceparent)
         return True
 

@@ -28,7 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import tracing
 from server.engine_api import Engine
 from server.errors import internal_error, tracebacks
-from server.logs import bind_request, request_id_of
+from server.logs import bind_request
+from server.request_record import SCOPE_KEY, RequestRecord
 
 access_log = logging.getLogger("glm_serve.access")
 log = logging.getLogger("glm_serve.http")
@@ -268,21 +269,20 @@ def _cache_config_info(engine: Engine, stats: dict[str, float]) -> GaugeMetricFa
 
 class UsageSink(Protocol):
     def record(
-        self, scope: Scope, status: int, started_at: float, latency_s: float, access: dict[str, Any]
+        self, scope: Scope, status: int, started_at: float, latency_s: float, record: RequestRecord
     ) -> None: ...
 
 
-def _served_headers(headers: list[tuple[bytes, bytes]], access: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    """X-Served-By (local | holysheep) and X-Upstream-Model from the access fields, and on every answer
+def _served_headers(headers: list[tuple[bytes, bytes]], record: RequestRecord) -> list[tuple[bytes, bytes]]:
+    """X-Served-By (local | holysheep) and X-Upstream-Model from the request's record, and on every answer
     (errors included) the request id as X-Request-Id (server/logs.py: the client's own, when it sent a
     valid one), so a client can find its log lines and ledger row."""
     headers = [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
     present = {name.lower() for name, _ in headers}
-    extra = [(b"x-request-id", request_id_of(access).encode())]
-    for header, field_name in ((b"x-served-by", "served_by"), (b"x-upstream-model", "upstream_model")):
-        value = access.get(field_name)
+    extra = [(b"x-request-id", record.request_id.encode())]
+    for header, value in ((b"x-served-by", record.served_by), (b"x-upstream-model", record.upstream_model)):
         if value and header not in present:
-            extra.append((header, str(value).encode()))
+            extra.append((header, value.encode()))
     return [*headers, *extra]
 
 
@@ -292,7 +292,7 @@ class InFlight(Protocol):
 
 class RequestObserver:
     """ASGI middleware around everything: counts requests by route and status, writes one JSON access
-    line per request (fields the routes put in request.state.access), and turns an unexpected exception
+    line per request (the request's record, server/request_record.py, which the routes fill), and turns an unexpected exception
     into a 500 whose detail goes to the log only (tracebacks rate-limited)."""
 
     def __init__(
@@ -317,8 +317,7 @@ class RequestObserver:
         started = time.perf_counter()
         started_at = time.time()
         path: str = scope["path"]
-        access: dict[str, Any] = {}
-        scope.setdefault("state", {})["access"] = access
+        record = scope.setdefault("state", {})[SCOPE_KEY] = RequestRecord()
         status = 500
         response_started = False
 
@@ -326,15 +325,15 @@ class RequestObserver:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
-                message = {**message, "headers": _served_headers(message.get("headers", []), access)}
+                message = {**message, "headers": _served_headers(message.get("headers", []), record)}
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        with bind_request(access, headers), tracing.server_span(scope["method"], path, headers) as span:
+        with bind_request(record, headers), tracing.server_span(scope["method"], path, headers) as span:
             try:
                 await self.app(scope, receive, observing_send)
             except Exception as exc:
-                request_id = request_id_of(access)
+                request_id = record.request_id
                 tracebacks.log(
                     log, exc, "unhandled error in %s %s (request id %s)", scope["method"], path, request_id
                 )
@@ -342,13 +341,13 @@ class RequestObserver:
                 if not response_started:
                     await internal_error(request_id).response(path)(scope, receive, send)
             finally:
-                status = access.pop("status", status)
+                status = record.status or status
                 if span is not None:
                     span.set_attribute("http.response.status_code", status)
-                self._finish(scope, path, status, started, started_at, access)
+                self._finish(scope, path, status, started, started_at, record)
 
     def _finish(
-        self, scope: Scope, path: str, status: int, started: float, started_at: float, access: dict[str, Any]
+        self, scope: Scope, path: str, status: int, started: float, started_at: float, record: RequestRecord
     ) -> None:
         route = scope.get("route")
         route_path = getattr(route, "path", None) or (path if path in self.route_paths else "unmatched")
@@ -356,23 +355,20 @@ class RequestObserver:
         latency_s = time.perf_counter() - started
         if self.usage is not None:
             try:
-                self.usage.record(scope, status, started_at, latency_s, access)
+                self.usage.record(scope, status, started_at, latency_s, record)
             except Exception:
-                log.exception("usage row for %s not recorded", request_id_of(access))
-        self._log(scope, path, status, latency_s, access)
+                log.exception("usage row for %s not recorded", record.request_id)
+        self._log(scope, path, status, latency_s, record)
 
-    def _log(self, scope: Scope, path: str, status: int, latency_s: float, access: dict[str, Any]) -> None:
+    def _log(self, scope: Scope, path: str, status: int, latency_s: float, record: RequestRecord) -> None:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         if not access_log.isEnabledFor(level):
             return
-        if not self.serving.log_prompts:
-            access.pop("prompt", None)
         line = {
             "method": scope["method"],
             "path": path,
             "status": status,
-            "request_id": request_id_of(access),
-            **access,
+            **record.log_fields(with_prompt=self.serving.log_prompts),
             "latency_s": round(latency_s, 4),
         }
         access_log.log(level, json.dumps(line, default=str), extra={"access": line})

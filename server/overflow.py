@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from server.config import ApiKey, ConfigError
-from server.config_schema import build_section
+from server.api_keys import ApiKey
+from server.config_schema import ConfigError, build_section
 from server.engine_api import Load
 from server.errors import APIError, bad_request, unavailable
 

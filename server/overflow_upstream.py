@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.errors import APIError
 from server.overflow import UpstreamConfig
+from server.request_record import RequestRecord
 from server.routes.sse import SSE_DONE, error_event
 
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
@@ -199,18 +200,19 @@ class Tally:
         if self.first_content is None:
             self.first_content = time.monotonic()
 
-    def access_fields(self) -> dict[str, Any]:
-        """The usage fields of the access log (and so of the ledger row)."""
+    def fill(self, record: RequestRecord) -> None:
+        """Write the usage fields of the request's record (its access line and ledger row): the upstream's
+        token counts when it sent them, else this tally's estimate."""
         usage = self.usage if isinstance(self.usage, dict) and "prompt_tokens" in self.usage else None
-        out: dict[str, Any] = {
-            "prompt_tokens": int(usage["prompt_tokens"] or 0) if usage else self.local_prompt_tokens,
-            "completion_tokens": int(usage.get("completion_tokens") or 0) if usage else self.content_chunks,
-            "tokens_exact": usage is not None,
-            "finish_reasons": [self.ended] if self.ended else sorted(set(self.finish_reasons.values())),
-        }
+        if usage is not None:
+            record.prompt_tokens = int(usage["prompt_tokens"] or 0)
+            record.completion_tokens = int(usage.get("completion_tokens") or 0)
+        else:
+            record.prompt_tokens, record.completion_tokens = self.local_prompt_tokens, self.content_chunks
+        record.tokens_exact = usage is not None
+        record.finish_reasons = [self.ended] if self.ended else sorted(set(self.finish_reasons.values()))
         if self.first_content is not None:
-            out["ttft_s"] = round(self.first_content - self.started, 4)
-        return out
+            record.ttft_s = round(self.first_content - self.started, 4)
 
 
 OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls")
@@ -301,7 +303,7 @@ async def stream_events(opened: Opened, rewriter: SseRewriter, idle_timeout_s: f
 
 class UpstreamStream(StreamingResponse):
     """An SSE response over an upstream stream that closes the upstream response however it ends (done,
-    the client gone, a shutdown) and then reports the tally (the access fields the ledger reads)."""
+    the client gone, a shutdown) and then reports the tally (the record fields the ledger reads)."""
 
     def __init__(
         self,

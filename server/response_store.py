@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError
+from server.config_schema import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from server.config import ConfigError
-from server.config_schema import build_section
+from server.config_schema import ConfigError, build_section
 
 LOCAL_TARGET = "local"
 OVERFLOW_TARGET = "overflow"

@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Send
 
+from server.request_record import RequestRecord
 from server.routing_compare import Outcome
 from server.routing_read import read_outcome
 
@@ -30,16 +31,13 @@ class Capture:
         if self._send is not None:
             await self._send(message)
 
-    def outcome(self, target: str, latency_s: float, access: dict[str, Any], api: str) -> Outcome:
+    def outcome(self, target: str, latency_s: float, record: RequestRecord, api: str) -> Outcome:
         """The response (of `api`) read back; token counts the client did not ask to see come from the
-        access fields."""
+        request's record."""
         raw = b"".join(self.parts)
-        out = read_outcome(target, self.status, raw, latency_s, access.get("ttft_s"), api)
+        out = read_outcome(target, self.status, raw, latency_s, record.ttft_s, api)
         if out.output_tokens is None and out.ok:
-            out.prompt_tokens, out.output_tokens = (
-                access.get("prompt_tokens"),
-                access.get("completion_tokens"),
-            )
+            out.prompt_tokens, out.output_tokens = record.prompt_tokens, record.completion_tokens
         return out
 
 

@@ -26,11 +26,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.agent_apis import parse_agent_apis_config
+from server.api_keys import ANONYMOUS_KEY, ApiKey
 from server.asgi_body import body_json, replay
-from server.config import ANONYMOUS_KEY, ApiKey, Config
+from server.config import Config
 from server.errors import APIError, bad_request
 from server.overflow import OVERFLOW_HEADER
 from server.overflow_upstream import UpstreamError
+from server.request_record import SCOPE_KEY, RequestRecord, request_record
 from server.routing import (
     LOCAL_TARGET,
     GuardWindow,
@@ -154,33 +156,33 @@ class RoutingService:
     async def serve(
         self, plan: Plan, scope: Scope, raw: bytes, receive: Receive, send: Send, app: ASGIApp
     ) -> None:
-        access: dict[str, Any] = scope.setdefault("state", {}).setdefault("access", {})
+        record = request_record(scope)
         if plan.shadow is not None:
             plan.primary_done = asyncio.get_running_loop().create_future()
         started = time.monotonic()
         capture = Capture(send, on_success=lambda: self._start_shadow(plan, scope, app))
         try:
-            failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
+            failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, record)
             if failure is not None and plan.fallback is not None:
                 failed = Outcome(plan.served.name, failure.status or 0, time.monotonic() - started)
                 failed.error = str(failure)[:200]
                 self._canary_done(plan, failed)
                 plan.served, plan.role, started = plan.fallback, "primary", time.monotonic()
-                failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, access)
+                failure = await self._serve_on(plan.served, plan, scope, raw, receive, capture, app, record)
             if failure is not None:
                 await target_failed(plan.served.name, failure).response(scope["path"])(
                     scope, receive, capture.send
                 )
         finally:
-            plan.request_id = str(access.get("id") or "")
-            outcome = capture.outcome(plan.served.name, time.monotonic() - started, access, plan.path)
+            plan.request_id = record.id or ""
+            outcome = capture.outcome(plan.served.name, time.monotonic() - started, record, plan.path)
             if plan.primary_done is not None and not plan.primary_done.done():
                 plan.primary_done.set_result(outcome)
             if plan.route.mode is Mode.CANARY:
                 self._canary_done(plan, outcome)
 
     async def _serve_on(self, target: Target, plan: Plan, scope: Scope, raw: bytes, receive: Receive,
-                        capture: Capture, app: ASGIApp, access: dict) -> UpstreamError | None:  # fmt: skip
+                        capture: Capture, app: ASGIApp, record: RequestRecord) -> UpstreamError | None:  # fmt: skip
         """Serve the client from `target` (a candidate's breaker was asked by plan()); the error when an
         upstream failed before its first byte."""
         if target.is_local or plan.path in TRANSLATED_APIS:
@@ -199,7 +201,7 @@ class RoutingService:
             return exc
         request_id = f"{'chatcmpl' if plan.path.startswith('chat') else 'cmpl'}-{_random_hex()}"
         body = {**plan.body, "model": plan.model}
-        response = await upstream_response(target, opened, body, access, request_id)
+        response = await upstream_response(target, opened, body, record, request_id)
         await response(scope, receive, capture.send)
         return None
 
@@ -253,10 +255,10 @@ class RoutingService:
         )
         body = json.dumps(shadow).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"x-route")]
-        access: dict[str, Any] = {}
+        record = RequestRecord()
         state = {
             "api_key": plan.key,
-            "access": access,
+            SCOPE_KEY: record,
             ROUTE_TARGET: None if plan.shadow.is_local else plan.shadow,
         }
         sub = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())], "state": state}
@@ -268,7 +270,7 @@ class RoutingService:
             failed = Outcome(plan.shadow.name, exc.status or 0, round(time.monotonic() - started, 4))
             failed.error = str(exc)[:200]
             return failed
-        return capture.outcome(plan.shadow.name, time.monotonic() - started, access, plan.path)
+        return capture.outcome(plan.shadow.name, time.monotonic() - started, record, plan.path)
 
     # -- canary samples, guards and weights -----------------------------------------------------------
     def _canary_done(self, plan: Plan, outcome: Outcome) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.responses import Response
 
 from server.anthropic_upstream import MESSAGES_PATH, anthropic_client
-from server.config import ConfigError
+from server.config_schema import ConfigError
 from server.overflow import CircuitBreaker, UpstreamConfig
 from server.overflow_upstream import (
     Opened,
@@ -28,6 +28,7 @@ from server.overflow_upstream import (
     rewrite_json,
     stream_events,
 )
+from server.request_record import RequestRecord
 from server.routing import LOCAL_TARGET, OVERFLOW_TARGET, RoutingConfig, TargetConfig
 from server.routing_compare import Outcome
 from server.routing_read import read_outcome
@@ -142,20 +143,20 @@ async def upstream_response(
     target: Target,
     opened: Opened,
     body: dict[str, Any],
-    access: dict[str, Any],
+    record: RequestRecord,
     request_id: str,
     translation: Any = None,
     prompt_tokens: int = 0,
 ) -> Response:
     """The client's answer from an opened upstream response, with the client's model id and our request
     id (the overflow's pass-through; a `translation`, routes/translated_upstream.py, turns a chat answer
-    into another API's), and the access fields the ledger reads filled in."""
-    model = str(body.get("model") or access.get("model") or "")
+    into another API's), and the request's record filled in (what the access line and the ledger read)."""
+    model = str(body.get("model") or record.model or "")
     stream = bool(body.get("stream"))
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     tally = Tally(local_prompt_tokens=prompt_tokens)
-    access.update(id=request_id, model=model, stream=stream, served_by=target.name,
-                  upstream_model=target.upstream_model(model))  # fmt: skip
+    record.id, record.model, record.stream = request_id, model, stream
+    record.served_by, record.upstream_model = target.name, target.upstream_model(model)
     if stream:
         make_rewriter = translation.rewriter if translation is not None else SseRewriter
         rewriter = make_rewriter(model, request_id, bool(options.get("include_usage")), tally)
@@ -165,7 +166,7 @@ async def upstream_response(
                 tally.ended = "abort"
             if tally.ended == "error" and target.breaker is not None:
                 target.breaker.record_failure()
-            access.update(tally.access_fields())
+            tally.fill(record)
 
         events = stream_events(opened, rewriter, target.idle_timeout_s)
         return UpstreamStream(events, opened, on_close, {"X-Request-Id": request_id})
@@ -177,7 +178,7 @@ async def upstream_response(
         response = exc.api_error().response(translation.path if translation is not None else "")
     finally:
         await opened.aclose()
-    access.update(tally.access_fields())
+    tally.fill(record)
     return response
 
 

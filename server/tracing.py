@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from server.config import ConfigError
+from server.config_schema import ConfigError
 
 try:
     from opentelemetry import context as otel_context

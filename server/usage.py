@@ -2,8 +2,8 @@
 SQLite, with tokens, latency, backend and cost estimates from a price table.
 
 Where rows come from: RequestObserver (server/metrics.py) calls UsageRecorder.record() once in its
-`finally`, the one place every HTTP request passes through, with the access fields the routes filled
-in. The recorder builds the row and hands it to the ledger's queue; one writer thread commits rows in
+`finally`, the one place every HTTP request passes through, with the request's record the routes filled
+in (server/request_record.py). The recorder builds the row and hands it to the ledger's queue; one writer thread commits rows in
 small batches (WAL mode, synchronous=FULL: a committed row survives a crash). close() flushes.
 
 Cost of a row (all $ estimates):
@@ -26,14 +26,17 @@ import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request
 
-from server.config import ANONYMOUS_KEY, Config, ConfigError
-from server.config_schema import build_section
-from server.logs import request_id_of
+from server.api_keys import ANONYMOUS_KEY
+from server.config_schema import ConfigError, build_section
+from server.request_record import RequestRecord, request_record
 from server.usage_schema import open_state_db
+
+if TYPE_CHECKING:
+    from server.config import Config
 
 log = logging.getLogger("glm_serve.usage")
 METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"})
@@ -254,19 +257,19 @@ def _values(row: UsageRow) -> tuple[Any, ...]:
     return tuple(getattr(row, name) for name in COLUMNS)
 
 
-# -- rows from the access fields of a request --------------------------------------------------------------
+# -- rows from the records of requests --------------------------------------------------------------------
 def usage_api(name: str) -> Any:
     """Route dependency naming the API a request came through (its row's `api`: chat | completions |
     messages | responses). Route dependencies run before the body is validated: a 400 is named too."""
 
     def name_api(request: Request) -> None:
-        request.scope.setdefault("state", {}).setdefault("access", {})["api"] = name
+        request_record(request.scope).api = name
 
     return Depends(name_api)
 
 
 class UsageRecorder:
-    """Turns one finished HTTP request (its access fields) into one ledger row."""
+    """Turns one finished HTTP request (its record) into one ledger row."""
 
     def __init__(self, cfg: UsageConfig, ledger: UsageLedger, devices: int) -> None:
         self.cfg = cfg
@@ -283,7 +286,7 @@ class UsageRecorder:
         return cls(cfg, UsageLedger(cfg.resolved_path(), cfg.batch_size), devices)
 
     def record(
-        self, scope: dict[str, Any], status: int, started_at: float, latency_s: float, access: dict
+        self, scope: dict[str, Any], status: int, started_at: float, latency_s: float, record: RequestRecord
     ) -> None:
         if scope.get("path") not in METERED_PATHS or scope.get("method") != "POST":
             return
@@ -291,27 +294,27 @@ class UsageRecorder:
             return  # glm_serve:http_requests_total{status="401"}
         key = (scope.get("state") or {}).get("api_key")
         key_id = key.key_id if key is not None else ANONYMOUS_KEY.key_id
-        reasons = access.get("finish_reasons")
+        reasons = record.finish_reasons
         row = UsageRow(
             ts=started_at,
-            request_id=request_id_of(access),
+            request_id=record.request_id,
             key_id=key_id,
-            model=str(access.get("model") or ""),
-            backend=str(access.get("served_by") or "local"),
+            model=record.model or "",
+            backend=record.served_by or "local",
             endpoint=scope["path"],
-            api=access.get("api"),
+            api=record.api,
             status=status,
-            prompt_tokens=int(access.get("prompt_tokens") or 0),
-            completion_tokens=int(access.get("completion_tokens") or 0),
-            tokens_exact=bool(access.get("tokens_exact", True)),
+            prompt_tokens=record.prompt_tokens or 0,
+            completion_tokens=record.completion_tokens or 0,
+            tokens_exact=record.tokens_exact is not False,
             finish_reason=",".join(reasons) if reasons else None,
-            stream=bool(access.get("stream", False)),
-            upstream_model=access.get("upstream_model"),
-            overflow_reason=access.get("overflow_reason"),
-            ttft_s=access.get("ttft_s"),
+            stream=bool(record.stream),
+            upstream_model=record.upstream_model,
+            overflow_reason=record.overflow_reason,
+            ttft_s=record.ttft_s,
             latency_s=round(latency_s, 6),
         )
-        self.price(row, running=int(access.get("running_at_admission") or 0))
+        self.price(row, running=record.running_at_admission or 0)
         self.ledger.submit(row)
 
     def price(self, row: UsageRow, running: int) -> None:

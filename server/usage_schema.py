@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import ConfigError
+from server.config_schema import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

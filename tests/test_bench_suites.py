@@ -12,7 +12,7 @@ from benchmarks.bench.runner import load_points, plan_runs
 from benchmarks.bench.suite import CONFIGS_DIR, SUITES_DIR, SuiteError, load_suite, parse_suite
 
 HARDWARE = ["nvidia-h100", "nvidia-h200", "ascend-910b", "cambricon-mlu590"]
-SUITES = ["cpu", *HARDWARE]
+SUITES = ["cpu", "cpu-tiny", *HARDWARE]
 KEY_VALUE = re.compile(r"^\s*(- )?[A-Za-z_][\w.-]*:\s*\S")
 
 

@@ -27,6 +27,7 @@ from tests.test_overflow_http import (  # noqa: F401  (deploy and no_unexpected_
     deploy,
     no_unexpected_errors,
 )
+from tests.test_overflow_upstream import filled
 
 TEXT, INPUT_TOKENS, OUTPUT_TOKENS = "Bonjour.", 11, 3
 
@@ -143,13 +144,13 @@ def test_the_pass_through_tallies_anthropic_usage_and_keeps_the_upstreams_events
     start = json.loads(out.split(b"\n\n")[0].split(b"data: ")[1])
     assert (start["message"]["id"], start["message"]["model"]) == ("msg_local", "claude-x")
     assert out.split(b"\n\n")[1:] == raw.split(b"\n\n")[1:]  # the rest as the upstream sent it
-    fields = tally.access_fields()
-    assert (fields["prompt_tokens"], fields["completion_tokens"], fields["finish_reasons"]) == (
+    fields = filled(tally)
+    assert (fields.prompt_tokens, fields.completion_tokens, fields.finish_reasons) == (
         11,
         3,
         ["stop"],
     )
-    assert fields["tokens_exact"] and fields["ttft_s"] >= 0
+    assert fields.tokens_exact and fields.ttft_s >= 0
 
     broken = Tally(local_prompt_tokens=0)
     rewriter = NativeMessages("claude-x").rewriter("glm-5", "msg_local", False, broken)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import ANONYMOUS_KEY, ApiKey, ConfigError, ServerConfig, collect_api_keys, load_config
+from server.api_keys import ANONYMOUS_KEY, ApiKey
+from server.config import ConfigError, ServerConfig, collect_api_keys, load_config
 from server.engine_api import Load
 from server.errors import APIError
 from server.overflow import (

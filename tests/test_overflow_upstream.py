@@ -21,10 +21,18 @@ from server.overflow_upstream import (
     rewrite_json,
     stream_events,
 )
+from server.request_record import RequestRecord
 
 FAST = UpstreamConfig(
     connect_timeout_s=0.5, first_byte_timeout_s=0.3, idle_timeout_s=0.3, retries=2, retry_backoff_s=0.01
 )
+
+
+def filled(tally: Tally) -> RequestRecord:
+    """The fields a tally writes into a request's record (its access line and ledger row)."""
+    record = RequestRecord()
+    tally.fill(record)
+    return record
 
 
 class Stream(httpx.AsyncByteStream):
@@ -189,9 +197,9 @@ def test_sse_rewriter_sets_the_local_model_and_keeps_usage_for_the_ledger():
     assert len(chunks) == 3  # the usage chunk the client did not ask for is dropped
     assert {c["model"] for c in chunks} == {"glm-5"} and {c["id"] for c in chunks} == {"chatcmpl-local"}
     assert all(c["usage"] is None for c in chunks)
-    fields = tally.access_fields()
-    assert fields["prompt_tokens"] == 9 and fields["completion_tokens"] == 2 and fields["tokens_exact"]
-    assert fields["finish_reasons"] == ["length"] and "ttft_s" in fields
+    fields = filled(tally)
+    assert fields.prompt_tokens == 9 and fields.completion_tokens == 2 and fields.tokens_exact
+    assert fields.finish_reasons == ["length"] and fields.ttft_s is not None
 
 
 def test_abandoned_stream_without_usage_is_estimated():
@@ -201,9 +209,9 @@ def test_abandoned_stream_without_usage_is_estimated():
         sse({"choices": [{"index": 0, "text": "a"}]}, {"choices": [{"index": 0, "text": "b"}]}, done=False)
     )
     tally.ended = "abort"
-    fields = tally.access_fields()
-    assert (fields["prompt_tokens"], fields["completion_tokens"], fields["tokens_exact"]) == (7, 2, False)
-    assert fields["finish_reasons"] == ["abort"]
+    fields = filled(tally)
+    assert (fields.prompt_tokens, fields.completion_tokens, fields.tokens_exact) == (7, 2, False)
+    assert fields.finish_reasons == ["abort"]
 
 
 def test_a_stream_broken_after_the_first_byte_ends_with_an_openai_error_event():
@@ -236,6 +244,6 @@ def test_non_streaming_rewrite_and_a_bad_body_is_502():
     response = rewrite_json(json.dumps(upstream).encode(), "glm-5", "chatcmpl-1", tally)
     body = json.loads(response.body)
     assert body["model"] == "glm-5" and body["id"] == "chatcmpl-1" and body["usage"] == upstream["usage"]
-    assert tally.access_fields()["finish_reasons"] == ["stop"]
+    assert filled(tally).finish_reasons == ["stop"]
     bad = rewrite_json(b"<html>gateway</html>", "glm-5", "r", Tally(5))
     assert bad.status_code == 502 and json.loads(bad.body)["error"]["code"] == "upstream_error"

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.config import ApiKey, ConfigError, api_key_id
+from server.api_keys import ApiKey, api_key_id
+from server.config import ConfigError
 from server.errors import APIError
 from server.routing import GuardConfig, GuardWindow, Mode, Sample, bucket, parse_routing_config
 from server.routing_compare import Outcome, ToolCall, json_valid, rouge_l, tool_calls_agree

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api_keys import api_key_id
 from server.app import create_app
-from server.config import api_key_id
 from server.routing import bucket
 from server.routing_report import build_report
 from server.routing_report import main as routing_main

@@ -17,8 +17,9 @@ import httpx
 import pytest
 import yaml
 
+from server.api_keys import api_key_id
 from server.cli import main as cli_main
-from server.config import CONFIG_DIR, api_key_id
+from server.config import CONFIG_DIR
 from server.usage import BACKENDS
 from tests.conftest import wait_until
 from tests.test_overflow_http import (  # noqa: F401  (deploy and no_unexpected_errors are fixtures)

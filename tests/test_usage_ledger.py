@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.api_keys import api_key_id
 from server.cli import main as cli_main
-from server.config import CONFIG_DIR, ConfigError, api_key_id, load_config
+from server.config import CONFIG_DIR, ConfigError, load_config
+from server.request_record import RequestRecord
 from server.usage import (
     DEFAULT_PRICES,
     PRICES_AS_OF,
@@ -153,18 +155,20 @@ def recorded(rec: UsageRecorder) -> list[dict]:
         return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY id")]
 
 
-def test_rows_from_access_fields(tmp_path):
+def test_rows_from_request_records(tmp_path):
     rec = recorder(tmp_path)
     scope = {"path": "/v1/chat/completions", "method": "POST", "state": {"api_key": Key()}}
-    local = dict(id="chatcmpl-1", model="glm-5", served_by="local", prompt_tokens=1000, completion_tokens=500,
+    local = RequestRecord(id="chatcmpl-1", model="glm-5", served_by="local", prompt_tokens=1000, completion_tokens=500,
                  finish_reasons=["stop"], running_at_admission=3, ttft_s=0.2)  # fmt: skip
     rec.record(scope, 200, 1_700_000_000.0, 10.0, local)
-    remote = dict(id="chatcmpl-2", model="glm-5", served_by="holysheep", upstream_model="glm_5", stream=True,
+    remote = RequestRecord(id="chatcmpl-2", model="glm-5", served_by="holysheep", upstream_model="glm_5", stream=True,
                   prompt_tokens=1_000_000, completion_tokens=1_000_000, finish_reasons=["length"],
                   overflow_reason="queue", tokens_exact=False)  # fmt: skip
     rec.record(scope, 200, 1_700_000_001.0, 2.0, remote)
-    rec.record({**scope, "state": {}}, 401, 1_700_000_002.0, 0.001, {"id": "req-x"})
-    rec.record({"path": "/v1/models", "method": "GET"}, 200, 1_700_000_003.0, 0.001, {})  # not metered
+    rec.record({**scope, "state": {}}, 401, 1_700_000_002.0, 0.001, RequestRecord(id="req-x"))
+    rec.record(
+        {"path": "/v1/models", "method": "GET"}, 200, 1_700_000_003.0, 0.001, RequestRecord()
+    )  # not metered
     first, second = recorded(rec)  # the 401 left no row
     assert (first["backend"], first["finish_reason"], first["key_id"]) == ("local", "stop", Key.key_id)
     assert first["gpu_seconds"] == pytest.approx(10.0 * 8 / 4)  # latency x devices / (running + 1)

@@ -41,10 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def glm_serve_spec(profile: str, model_dir: Path | None, port: int | None = None) -> ServerSpec:
+def glm_serve_spec(
+    profile: str, model_dir: Path | None, port: int | None = None, extra_args: tuple[str, ...] = ()
+) -> ServerSpec:
     port = port or free_port()
     argv = [sys.executable, "-m", "server.cli", "serve", "--config", profile, "--port", str(port)]
-    argv += ["--log-level", "warning"] + (["--model", str(model_dir)] if model_dir else [])
+    argv += ["--log-level", "warning"] + (["--model", str(model_dir)] if model_dir else []) + list(extra_args)
     return ServerSpec("glm-serve", "native", argv, base_url=f"http://127.0.0.1:{port}")
 
 

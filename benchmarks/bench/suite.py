@@ -3,10 +3,12 @@ and workloads, each a dataset swept over concurrency levels or request rates.
 
     suite: cpu
     profile: cpu                    # configs/cpu.yaml: how glm-serve serves the model
-    model: null                     # a model directory; null: the profile's (the embedded SmolLM2)
+    model: null                     # a model directory; null: the profile's (the embedded SmolLM2);
+                                    # tiny-llama: a 2-layer random llama (benchmarks/bench/tiny_model.py)
     api: completions                # completions | chat
     ignore_eos: true                # outputs exactly max_tokens long on both servers
     goodput: {ttft: 2000, tpot: 200}  # SLOs (ms) for request_goodput
+    glm_serve: {args: [...]}        # extra `glm-serve serve` flags (e.g. --set engine.max_num_seqs=128)
     vllm: {args: [...], env: {...}} # the vLLM OpenAI server's flags and environment for --baseline vllm
     workloads:
       - name: random-256-128
@@ -111,6 +113,7 @@ class Suite:
     temperature: float | None = 0.0
     goodput: dict[str, float] = field(default_factory=dict)
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
+    glm_serve: dict[str, Any] = field(default_factory=dict)  # {args: [...]}
     vllm: dict[str, Any] = field(default_factory=dict)  # {args: [...], env: {...}}
     workloads: tuple[Workload, ...] = ()
     quick: Quick | None = None
@@ -200,6 +203,8 @@ def parse_suite(data: dict[str, Any], where: str = "suite") -> Suite:
     vllm = values.get("vllm") or {}
     if set(vllm) - {"args", "env"}:
         raise SuiteError(f"{where}: vllm takes args and env")
+    if set(values.get("glm_serve") or {}) - {"args"}:
+        raise SuiteError(f"{where}: glm_serve takes args")
     targets = []
     for t in values.get("targets") or []:
         _check_keys(t, Target, f"{where} target")

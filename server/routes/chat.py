@@ -29,6 +29,7 @@ from server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
 )
+from server.request_record import request_record
 from server.routes.chat_constraints import OutputPlan, resolve_output_plan, template_kwargs_for
 from server.routes.chat_output import (
     MessageAccumulator,
@@ -86,10 +87,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return overflowed
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    access = request.scope.setdefault("state", {}).setdefault("access", {})
-    access.update(
-        id=request_id, model=model, stream=body.stream, prompt=prepared.prompt_text, served_by="local"
-    )
+    record = request_record(request.scope)
+    record.served_locally(request_id, model, body.stream, prepared.prompt_text)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     processors = [prepared.output_processor(engine, state) for _ in range(body.n)]
     created = int(time.time())
@@ -105,7 +104,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         arrival_time=time.monotonic(),
         client=client_of(request, request_id),
     )
-    generation = Generation(engine, state.metrics, [generate_request], access, state.generations)
+    generation = Generation(engine, state.metrics, [generate_request], record, state.generations)
     return await respond(
         request, generation, request_id, stream=body.stream,
         stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),

@@ -16,6 +16,7 @@ from server.chat_template import encode_prompt
 from server.engine_api import GenerateRequest, TokenLogprob
 from server.errors import bad_request
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.request_record import request_record
 from server.routes.deps import (
     admit,
     check_batch_size,
@@ -130,10 +131,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if overflowed is not None:
         return overflowed
 
-    access = request.scope.setdefault("state", {}).setdefault("access", {})
-    access.update(
-        id=request_id, model=model, stream=body.stream, prompt=[p.text for p in prompts], served_by="local"
-    )
+    record = request_record(request.scope)
+    record.served_locally(request_id, model, body.stream, [p.text for p in prompts])
     token_strings = await run_in_pool(state, _token_strings, prompts, engine.tokenizer) if body.echo else []
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     context = CompletionContext(
@@ -147,7 +146,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         include_usage,
         token_strings,
     )
-    generation = Generation(engine, state.metrics, requests, access, state.generations)
+    generation = Generation(engine, state.metrics, requests, record, state.generations)
     return await respond(
         request, generation, request_id, stream=body.stream,
         stream_body=lambda: _stream_chunks(context, generation), complete=lambda: _complete(context, generation),

@@ -13,7 +13,8 @@ from fastapi import Request
 from starlette.responses import Response
 
 from server import tracing
-from server.config import ANONYMOUS_KEY, ApiKey, Config
+from server.api_keys import ANONYMOUS_KEY, ApiKey
+from server.config import Config
 from server.engine_api import Engine
 from server.errors import bad_request, model_not_found, unavailable
 from server.frontend_pool import FrontendPool
@@ -28,6 +29,7 @@ from server.overflow import (
     decide,
     local_or_reject,
 )
+from server.request_record import request_record
 
 
 @dataclass(slots=True, eq=False)
@@ -170,7 +172,7 @@ def _admit(state: ServingState, engine: Engine, request: Request, sequences: int
     )  # fmt: skip
     if decision.error is not None:
         raise decision.error
-    request.scope.setdefault("state", {}).setdefault("access", {})["running_at_admission"] = load.num_running
+    request_record(request.scope).running_at_admission = load.num_running
     return decision
 
 

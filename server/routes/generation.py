@@ -26,6 +26,7 @@ from server.engine_api import Delta, Engine, EngineDeadError, EngineError, Gener
 from server.errors import bad_request, unavailable
 from server.metrics import ServerMetrics
 from server.protocol import PromptTokensDetails, Usage
+from server.request_record import RequestRecord
 
 log = logging.getLogger("glm_serve.generation")
 T = TypeVar("T")
@@ -52,14 +53,14 @@ class Generation:
         engine: Engine,
         metrics: ServerMetrics,
         requests: list[GenerateRequest],
-        access: dict[str, Any],
+        record: RequestRecord,
         registry: set[Generation],
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.requests = requests
         self.n = requests[0].n
-        self.access = access
+        self.record = record
         self.choices = {
             i * self.n + j: ChoiceState(arrival=request.arrival_time)
             for i, request in enumerate(requests)
@@ -122,7 +123,7 @@ class Generation:
                 self.metrics.observe_first_token(first - choice.arrival, scheduled - choice.arrival)
                 if self.first_token_time is None:
                     self.first_token_time = first
-                    self.access["ttft_s"] = round(first - choice.arrival, 4)
+                    self.record.ttft_s = round(first - choice.arrival, 4)
             else:
                 self.metrics.observe_inter_token((now - choice.last_token_time) / new_tokens)
             choice.last_token_time = now
@@ -163,7 +164,7 @@ class Generation:
             await self.engine.abort(request.request_id)
 
     async def close(self) -> None:
-        """Close the engine streams (idempotent, shielded) and complete the access-log fields. Closing a
+        """Close the engine streams (idempotent, shielded) and complete the request record. Closing a
         stream early aborts its request in the engine (the Engine contract), so each unfinished request
         is aborted once; a request whose stream never opened was never queued."""
         if self._closed:
@@ -182,11 +183,11 @@ class Generation:
                 choice.finish_reason = "abort"
                 self.metrics.observe_finished("abort", now - choice.arrival)
         usage = self.usage()
-        self.access.update(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            finish_reasons=sorted({c.finish_reason or "abort" for c in self.choices.values()}),
+        self.record.prompt_tokens, self.record.completion_tokens = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
         )
+        self.record.finish_reasons = sorted({c.finish_reason or "abort" for c in self.choices.values()})
 
 
 class _MergedDeltas:
@@ -247,7 +248,7 @@ async def respond(
             return GenerationStream(stream_body(), generation, request_id)
         return await until_disconnected(request, complete())
     except ClientDisconnected:
-        generation.access["status"] = 499  # nginx's "client closed request"; nobody reads this response
+        generation.record.status = 499  # nginx's "client closed request"; nobody reads this response
         return Response(status_code=499)
     finally:
         if not owned_by_stream:

@@ -25,7 +25,7 @@ from server import tracing
 from server.anthropic_upstream import MESSAGES_PATH, anthropic_client
 from server.config import Config, ConfigError
 from server.errors import APIError
-from server.logs import request_id_of, upstream_headers
+from server.logs import upstream_headers
 from server.metrics import ServerMetrics
 from server.overflow import (
     BreakerState,
@@ -45,6 +45,7 @@ from server.overflow_upstream import (
     rewrite_json,
     stream_events,
 )
+from server.request_record import RequestRecord, request_record
 from server.routes.generation import ClientDisconnected, until_disconnected
 
 log = logging.getLogger("glm_serve.overflow")
@@ -128,7 +129,7 @@ class OverflowService:
         queue for the fallback; when it rejects, its 503 is raised. `body` is the chat body to send (by
         default the request's own); a `translation` (routes/translated_upstream.py) turns the upstream's
         chat answer into another API's."""
-        access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
+        record = request_record(request.scope)
         body = dict(body if body is not None else await request.json())
         stream = bool(body.get("stream"))
         stream_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
@@ -142,9 +143,10 @@ class OverflowService:
             body["stream_options"] = {**stream_options, "include_usage": True}
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         assert decision.reason is not None
-        access.update(id=request_id, model=model, stream=stream, overflow_reason=decision.reason.value)
+        record.id, record.model, record.stream = request_id, model, stream
+        record.overflow_reason = decision.reason.value
         if not self.breaker.allow():
-            return self._fall_back(access, local, "circuit_open", "the circuit breaker is open")
+            return self._fall_back(record, local, "circuit_open", "the circuit breaker is open")
         probe = self.breaker.state is BreakerState.HALF_OPEN
         budget = self.policy.upstream.budget_s
         if probe:
@@ -152,7 +154,7 @@ class OverflowService:
         self.metrics.overflow_requests.labels(decision.reason.value).inc()
         tally = Tally(local_prompt_tokens=prompt_tokens)
         call = tracing.start_span("upstream call", **{"glm_serve.upstream_model": remote})
-        headers = upstream_headers(access, call, request.headers)  # X-Request-Id, traceparent
+        headers = upstream_headers(record, call, request.headers)  # X-Request-Id, traceparent
         client = self.messages_client if native and self.messages_client is not None else self.client
         attempt = client.open(
             path, body, headers, budget_s=budget, on_failure=lambda _: self.breaker.record_failure()
@@ -163,13 +165,14 @@ class OverflowService:
             tracing.end_span(call, "the circuit opened")
             self.breaker.release()
             return self._fall_back(
-                access, local, "circuit_open", "the circuit opened while this request waited"
+                record, local, "circuit_open", "the circuit opened while this request waited"
             )
         except ClientDisconnected:
             tracing.end_span(call, "the client left")
             self.breaker.release()
             tally.ended = "abort"
-            access.update(status=499, served_by=UPSTREAM_NAME, upstream_model=remote, **tally.access_fields())
+            record.status, record.served_by, record.upstream_model = 499, UPSTREAM_NAME, remote
+            tally.fill(record)
             return Response(status_code=499)
         except UpstreamError as exc:  # failed attempts were counted by the breaker as they happened
             tracing.end_span(call, str(exc))
@@ -177,13 +180,13 @@ class OverflowService:
             if not exc.breaker:  # the upstream answered: it is up, it refused this request
                 self.breaker.record_success()
             log.warning("overflow of %s failed before the first byte: %s", request_id, exc)
-            return self._fall_back(access, local, "upstream_failed", str(exc))
+            return self._fall_back(record, local, "upstream_failed", str(exc))
         except BaseException:  # cancelled: the span still ends
             tracing.end_span(call, "cancelled")
             raise
         self.breaker.record_success()
-        access.update(served_by=UPSTREAM_NAME, upstream_model=remote)
-        headers = {"X-Request-Id": request_id_of(access)}
+        record.served_by, record.upstream_model = UPSTREAM_NAME, remote
+        headers = {"X-Request-Id": record.request_id}
         idle_timeout = self.policy.upstream.idle_timeout_s
         if stream:
             make_rewriter = translation.rewriter if translation is not None else SseRewriter
@@ -194,14 +197,14 @@ class OverflowService:
                     tally.ended = "abort"  # the client left mid-stream
                 if tally.ended == "error":
                     self._failed_after_first_byte(request_id)
-                access.update(tally.access_fields())
+                tally.fill(record)
                 tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
 
             return UpstreamStream(stream_events(opened, rewriter, idle_timeout), opened, on_close, headers)
         rewrite = translation.rewrite_json if translation is not None else rewrite_json
         try:
             return await self._complete(
-                request, opened, tally, access, model, request_id, idle_timeout, rewrite
+                request, opened, tally, record, model, request_id, idle_timeout, rewrite
             )
         finally:
             tracing.end_span(call, "failed after the first byte" if tally.ended == "error" else None)
@@ -211,7 +214,7 @@ class OverflowService:
         request: Request,
         opened: Any,
         tally: Tally,
-        access: dict,
+        record: RequestRecord,
         model: str,
         request_id: str,
         idle: float,
@@ -222,7 +225,7 @@ class OverflowService:
             response = rewrite(raw, model, request_id, tally)
         except ClientDisconnected:
             tally.ended = "abort"
-            access["status"] = 499
+            record.status = 499
             response = Response(status_code=499)
         except UpstreamError as exc:
             tally.ended = "error"
@@ -231,8 +234,8 @@ class OverflowService:
             await opened.aclose()
         if tally.ended == "error":
             self._failed_after_first_byte(request_id)
-        access.update(tally.access_fields())
-        response.headers["X-Request-Id"] = request_id_of(access)
+        tally.fill(record)
+        response.headers["X-Request-Id"] = record.request_id
         return response
 
     def _failed_after_first_byte(self, request_id: str) -> None:
@@ -240,7 +243,7 @@ class OverflowService:
         self.metrics.overflow_failures.inc()
         self.breaker.record_failure()
 
-    def _fall_back(self, access: dict[str, Any], local: Callable[[], Decision], cause: str, why: str) -> None:
+    def _fall_back(self, record: RequestRecord, local: Callable[[], Decision], cause: str, why: str) -> None:
         decision = local()
         if decision.error is not None:
             error = decision.error
@@ -250,7 +253,7 @@ class OverflowService:
                 code=error.code,
                 headers=error.headers,
             )
-        access["overflow_fallback"] = cause
+        record.overflow_fallback = cause
         self.metrics.overflow_fallbacks.labels(cause).inc()
         return None
 

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from server.engine_api import Delta, GenerateRequest
 from server.parsers import prompt_starts_in_reasoning
 from server.protocol import ChatCompletionRequest
+from server.request_record import request_record
 from server.routes.api_encoder import ApiEncoder, EncoderFactory, Outcome
 from server.routes.chat import chat_finish_reason, prepare_chat
 from server.routes.chat_output import MessageAccumulator, MessageDelta, OutputProcessor
@@ -50,7 +51,6 @@ class TranslatedRequest:
 
 async def serve_translated(request: Request, translated: TranslatedRequest) -> Response:
     state = get_state(request)
-    access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
     engine = ready_engine(state, allow_unhealthy=state.overflow is not None)
     chat = translated.chat
     prepared = await prepare_chat(chat, engine, state)
@@ -70,13 +70,8 @@ async def serve_translated(request: Request, translated: TranslatedRequest) -> R
         return overflowed
 
     request_id = f"{translated.id_prefix}_{uuid.uuid4().hex}"
-    access.update(
-        id=request_id,
-        model=translated.model,
-        stream=chat.stream,
-        prompt=prepared.prompt_text,
-        served_by="local",
-    )
+    record = request_record(request.scope)
+    record.served_locally(request_id, translated.model, chat.stream, prepared.prompt_text)
     processor = prepared.output_processor(engine, state)
     generate_request = GenerateRequest(
         request_id,
@@ -91,7 +86,7 @@ async def serve_translated(request: Request, translated: TranslatedRequest) -> R
         if budget is None or not prompt_starts_in_reasoning(prepared.prompt_text)
         else ReasoningBudget(engine, budget)
     )
-    generation = Generation(runs, state.metrics, [generate_request], access, state.generations)
+    generation = Generation(runs, state.metrics, [generate_request], record, state.generations)
     encoder = translated.make_encoder(request_id)
     output = _Output(processor)
     return await respond(

@@ -18,6 +18,7 @@ from server.anthropic_upstream import MESSAGES_PATH, NativeMessages
 from server.errors import APIError
 from server.overflow_upstream import Tally, UpstreamError
 from server.protocol import AssistantMessage, DeltaToolCall
+from server.request_record import request_record
 from server.routes.api_encoder import ApiEncoder, EncoderFactory, Outcome
 from server.routes.chat_output import MessageDelta
 from server.routing_targets import Target, upstream_body, upstream_response
@@ -71,7 +72,7 @@ async def serve_on_target(
     """A routed Messages or Responses request served by an upstream routing target: as the chat completion
     `chat`, or in its own API (upstream_call). A failure before the first byte raises UpstreamError: the
     routing layer falls back (canary) or answers it, as for a chat request; nothing has been sent yet."""
-    access: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("access", {})
+    record = request_record(request.scope)
     request_id = f"{translated.id_prefix}_{uuid.uuid4().hex}"
     native = target.messages_client is not None
     path, sent, translation = upstream_call(translated, chat, native, request.url.path)
@@ -80,7 +81,7 @@ async def serve_on_target(
         path, {**sent, "model": model} if path == MESSAGES_PATH else upstream_body(sent, model)
     )
     body = {**chat, "model": translated.model}
-    return await upstream_response(target, opened, body, access, request_id, translation, prompt_tokens)
+    return await upstream_response(target, opened, body, record, request_id, translation, prompt_tokens)
 
 
 class TranslatingRewriter:

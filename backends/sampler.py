@@ -1,9 +1,12 @@
-"""Turns the logits of one step into tokens, per request: penalties, logit_bias, min_tokens, the grammar
-mask of structured outputs, greedy or temperature / top-k / top-p / min-p sampling, and logprobs.
+"""Turns the logits of one step into tokens on the logits' device: penalties, logit_bias, min_tokens, the
+grammar mask of structured outputs (backends/logits_processors.py), greedy argmax or temperature / top-k /
+top-p / min-p sampling, verification of speculative drafts (backends/spec_decode/rejection.py) and
+logprobs, as batched tensor operations. One transfer per step brings the host what it needs: the sampled
+ids, the accepted draft counts and the logprobs that were asked for.
 
-Random choices use the exponential race (argmax of probs / Exp(1) noise) with noise drawn from each
-request's own torch.Generator, so a seeded request gets the same tokens alone or inside any batch (with
-speculative decoding: for the same drafts)."""
+Random choices use the exponential race (argmax of probs / Exp(1) noise). A seeded request draws its noise
+from its own generator on the device, so it gets the same tokens alone or inside any batch (with
+speculative decoding: for the same drafts); unseeded rows share one generator, seeded by the engine's seed."""
 
 from __future__ import annotations
 
@@ -12,9 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.spec_decode.rejection import verify_greedy, verify_sampled
+from backends.logits_processors import (
+    apply_logit_bias,
+    apply_penalties,
+    filtered_probs,
+    suppress_stops_before_min_tokens,
+)
+from backends.logits_processors import apply_top_k_top_p as apply_top_k_top_p  # re-exported for callers
+from backends.spec_decode.rejection import (
+    DraftBatch,
+    accepted_counts,
+    exponential_race,
+    greedy_accepts,
+    residual_race,
+    sampled_accepts,
+)
 from server.scheduler.request import Request
-from server.structured_output_matcher import GrammarMatchers
+from server.structured_output_matcher import GrammarMatchers, unpack_bitmask
+
+MAX_VOCAB = 2**24  # float32 holds every integer up to it
 
 
 @dataclass(slots=True)
@@ -25,26 +44,44 @@ class SampleResult:
     top_logprobs: list[float] | None = None
 
 
+@dataclass(slots=True)
+class _Sampled:
+    """One step's choices, on the device until `to_host`."""
+
+    tokens: torch.Tensor  # [requests] the token after each request's accepted drafts
+    accepted: torch.Tensor | None  # [requests] accepted drafts (None: no drafts this step)
+    logprobs: torch.Tensor | None  # [logprob rows] the logprob of each such row's token
+    top_ids: torch.Tensor | None  # [logprob rows, top k]
+    top_logprobs: torch.Tensor | None
+
+    def to_host(self) -> list[list[float]]:
+        """Everything in one device -> host copy, as float32 (exact for token ids below 2**24, which the
+        Sampler checks; every device has float32), split again."""
+        parts = (self.tokens, self.accepted, self.logprobs, self.top_ids, self.top_logprobs)
+        present = [p.reshape(-1) for p in parts if p is not None]
+        flat = torch.cat([p.to(torch.float32) for p in present]).cpu().tolist()
+        out, start = [], 0
+        for p in parts:
+            size = 0 if p is None else p.numel()
+            out.append(flat[start : start + size])
+            start += size
+        return out
+
+
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0, grammars: GrammarMatchers | None = None):
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(f"the sampler returns token ids as float32: vocab_size must be <= {MAX_VOCAB}")
         self.vocab_size = vocab_size
         self.grammars = grammars
-        self._generators: dict[str, torch.Generator] = {}
-        self._seed_source = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}  # seeded requests' own, on the logits' device
+        self._shared: torch.Generator | None = None  # every unseeded row's
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
         if self.grammars is not None:
             self.grammars.drop(request_id)
-
-    def _generator(self, req: Request) -> torch.Generator:
-        gen = self._generators.get(req.request_id)
-        if gen is None:
-            seed = req.params.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
-            gen = self._generators[req.request_id] = torch.Generator().manual_seed(seed)
-        return gen
 
     def __call__(
         self, logits: torch.Tensor, reqs: list[Request], drafts: list[list[int]] | None = None
@@ -55,67 +92,170 @@ class Sampler:
         (backends/spec_decode/rejection.py). Every row is processed as if the drafts before it were output
         already (penalties, min_tokens), so accepted tokens are what decoding one by one would make."""
         drafts = drafts or [[] for _ in reqs]
-        rows = draft_rows(reqs, drafts)
-        logits = logits.float()[:, : self.vocab_size]
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in reqs):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._process(logits, rows)
-        targets = torch.argmax(logits, dim=-1).tolist()
-        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-        probs = {}
-        if random_rows:
-            random_probs = self._probs(logits[torch.tensor(random_rows)], [rows[i] for i in random_rows])
-            probs = dict(zip(random_rows, random_probs, strict=True))
+        sampled = self._sample(logits, reqs, drafts)
+        tokens, accepted, logprobs, top_ids, top_logprobs = sampled.to_host()
         results: list[list[SampleResult]] = []
-        first = 0
-        for req, draft in zip(reqs, drafts, strict=True):
-            span = range(first, first + len(draft) + 1)
-            if req.params.greedy:
-                tokens = verify_greedy(draft, [targets[i] for i in span])
+        logprob_row = 0  # rows of requests with logprobs, in order: their place in the logprob tensors
+        width = sampled.top_ids.shape[1] if sampled.top_ids is not None else 0
+        for n, (req, draft) in enumerate(zip(reqs, drafts, strict=True)):
+            chosen = draft[: int(accepted[n])] if accepted else []
+            chosen.append(int(tokens[n]))
+            k = req.params.logprobs
+            if k is None:
+                results.append([SampleResult(t) for t in chosen])
             else:
-                tokens = verify_sampled(draft, torch.stack([probs[i] for i in span]), self._generator(req))
-            results.append([self._result(t, raw_logprobs, first + j, req) for j, t in enumerate(tokens)])
-            first = span.stop
+                row_results = []
+                for j, token in enumerate(chosen):
+                    row = logprob_row + j
+                    top = slice(row * width, row * width + k)
+                    result = SampleResult(token, logprobs[row])
+                    if k > 0:
+                        result.top_ids = [int(t) for t in top_ids[top]]
+                        result.top_logprobs = top_logprobs[top]
+                    row_results.append(result)
+                results.append(row_results)
+                logprob_row += len(draft) + 1
         return results
 
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], drafts: list[list[int]]) -> _Sampled:
+        device = logits.device
+        rows = draft_rows(reqs, drafts)
+        logits = logits.float()[:, : self.vocab_size]
+        logprob_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_logprobs = None
+        if logprob_rows:
+            raw_logprobs = torch.log_softmax(logits[torch.tensor(logprob_rows, device=device)], dim=-1)
+        logits = self._process(logits, rows)
+        targets = torch.argmax(logits, dim=-1)  # every row's greedy choice
+        spec = DraftBatch.build(drafts, device) if any(drafts) else None
+        accept = greedy_accepts(spec, targets) if spec is not None else None
+        row_tokens = targets
+        if not all(r.params.greedy for r in reqs):
+            row_tokens, accept = self._sample_random_rows(logits, targets, rows, reqs, drafts, spec, accept)
+        sampled = _Sampled(row_tokens, None, None, None, None)
+        if spec is not None:
+            sampled.accepted = accepted_counts(accept)
+            sampled.tokens = row_tokens[spec.rows.gather(1, sampled.accepted[:, None]).squeeze(1)]
+        if raw_logprobs is not None:
+            owners = [n for n, d in enumerate(drafts) for _ in range(len(d) + 1)]
+            positions = [j for d in drafts for j in range(len(d) + 1)]
+            top_k = max(rows[i].params.logprobs for i in logprob_rows)
+            self._logprobs(
+                sampled, raw_logprobs, logprob_rows, [owners[i] for i in logprob_rows],
+                [positions[i] for i in logprob_rows], spec, top_k,
+            )  # fmt: skip
+        return sampled
+
+    def _sample_random_rows(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        rows: list[Request],
+        reqs: list[Request],
+        drafts: list[list[int]],
+        spec: DraftBatch | None,
+        accept: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of the requests that sample: their token (an exponential race; at a draft's row, over
+        the residual without the draft), and with drafts their rejection-sampling tests in place of the
+        greedy ones. Returns every row's token and the accept tests."""
+        device = logits.device
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        index = torch.tensor(random_rows, device=device)
+        probs = filtered_probs(logits[index], [rows[i] for i in random_rows])
+        uniforms, noise = self._draws(reqs, drafts, probs.shape, device)
+        if spec is None:
+            return targets.index_copy(0, index, exponential_race(probs, noise)), None
+        row_draft = spec.row_draft[index]
+        draft_probs = torch.zeros(len(rows), device=device).index_copy(
+            0, index, probs.gather(1, row_draft.clamp(min=0)[:, None]).squeeze(1)
+        )
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=device)[:, None]
+        accept = torch.where(greedy, accept, sampled_accepts(spec, draft_probs, uniforms))
+        return targets.index_copy(0, index, residual_race(probs, row_draft, noise)), accept
+
     def _process(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-        """Penalties, logit_bias, the grammar mask and min_tokens, per row."""
-        if any(r.params.has_penalties for r in rows):
-            logits = apply_penalties(logits, rows)
-        if any(r.params.logit_bias for r in rows):
-            logits = apply_logit_bias(logits, rows)
-        mask = self.grammars.fill_mask(rows) if self.grammars is not None else None
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return suppress_stops_before_min_tokens(logits, rows, keep_one=mask is not None)
+        """Penalties, logit_bias, the grammar mask (moved to the device once, as a packed bitmask) and
+        min_tokens, for the rows that ask for them."""
+        logits = apply_penalties(logits, rows)
+        logits = apply_logit_bias(logits, rows)
+        bitmask = self.grammars.fill_bitmask(rows) if self.grammars is not None else None
+        if bitmask is not None:
+            allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), self.vocab_size)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return suppress_stops_before_min_tokens(logits, rows, keep_one=bitmask is not None)
+
+    def _draws(
+        self, reqs: list[Request], drafts: list[list[int]], shape: torch.Size, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random draws of the random requests' rows: per request one uniform per draft, then the
+        exponential noise of its rows. Seeded requests draw from their own generators, the others from the
+        shared one. Returns the uniforms [requests, max drafts] (1 where none was drawn) and the noise."""
+        width = max(len(d) for d in drafts)
+        uniforms = torch.ones(len(reqs), width, device=device)
+        noise = torch.empty(shape, device=device)
+        shared_rows, shared_reqs = [], []
+        offset = 0
+        for n, (req, draft) in enumerate(zip(reqs, drafts, strict=True)):
+            if req.params.greedy:
+                continue
+            span = range(offset, offset + len(draft) + 1)
+            if req.params.seed is None:
+                shared_rows += span
+                shared_reqs += [n] * bool(draft)
+            else:
+                gen = self._generator(req, device)
+                if draft:
+                    uniforms[n, : len(draft)] = torch.rand(len(draft), generator=gen, device=device)
+                noise[span.start : span.stop].exponential_(generator=gen)
+            offset = span.stop
+        if shared_rows:
+            gen = self._shared_generator(device)
+            if shared_reqs:
+                index = torch.tensor(shared_reqs, device=device)
+                uniforms[index] = torch.rand(len(shared_reqs), width, generator=gen, device=device)
+            if len(shared_rows) == shape[0]:
+                noise.exponential_(generator=gen)
+            else:
+                fresh = torch.empty(len(shared_rows), shape[1], device=device).exponential_(generator=gen)
+                noise[torch.tensor(shared_rows, device=device)] = fresh
+        return uniforms, noise
 
     @staticmethod
-    def _result(token: int, raw_logprobs: torch.Tensor | None, row: int, req: Request) -> SampleResult:
-        k = req.params.logprobs
-        if raw_logprobs is None or k is None:
-            return SampleResult(token)
-        result = SampleResult(token, float(raw_logprobs[row, token]))
-        if k > 0:
-            top = torch.topk(raw_logprobs[row], k)
-            result.top_ids = top.indices.tolist()
-            result.top_logprobs = top.values.tolist()
-        return result
+    def _logprobs(
+        sampled: _Sampled,
+        raw_logprobs: torch.Tensor,
+        rows: list[int],
+        owners: list[int],
+        positions: list[int],
+        spec: DraftBatch | None,
+        top_k: int,
+    ) -> None:
+        """The logprob of the token at each of `rows` (the rows of the requests that asked, with their
+        request and position in it): an accepted draft or the sampled token, from the logits before any
+        processing; and the top_k of those rows."""
+        device = raw_logprobs.device
+        owner = torch.tensor(owners, device=device)
+        chosen = sampled.tokens[owner]
+        if spec is not None:
+            accepted = torch.tensor(positions, device=device) < sampled.accepted[owner]
+            chosen = torch.where(accepted, spec.row_draft[torch.tensor(rows, device=device)], chosen)
+        sampled.logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+        if top_k > 0:
+            top = raw_logprobs.topk(top_k, dim=-1)
+            sampled.top_ids, sampled.top_logprobs = top.indices, top.values
 
-    def _probs(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """The distribution each row samples from: temperature, top-k, top-p, min-p."""
-        temps = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs])
-        logits = logits / temps[:, None]
-        top_ks = [r.params.top_k for r in reqs]
-        top_ps = [r.params.top_p for r in reqs]
-        if any(0 < k < self.vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps):
-            logits = apply_top_k_top_p(logits, top_ks, top_ps)
-        probs = logits.softmax(dim=-1)
-        min_ps = torch.tensor([r.params.min_p for r in reqs])
-        if (min_ps > 0).any():
-            keep = probs >= min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs * keep
-        return probs
+    def _generator(self, req: Request, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(req.request_id)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(req.params.seed)
+            self._generators[req.request_id] = gen
+        return gen
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if self._shared is None or self._shared.device != device:
+            self._shared = torch.Generator(device=device).manual_seed(self.seed)
+        return self._shared
 
 
 def draft_rows(reqs: list[Request], drafts: list[list[int]]) -> list[Request]:
@@ -126,74 +266,3 @@ def draft_rows(reqs: list[Request], drafts: list[list[int]]) -> list[Request]:
         for j in range(1, len(draft) + 1):
             rows.append(dataclasses.replace(req, output_token_ids=req.output_token_ids + draft[:j]))
     return rows
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks])
-    ranks = torch.arange(vocab)[None, :]
-    drop = ranks >= ks[:, None]
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-    drop |= cumulative > torch.tensor(top_ps)[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over the output tokens; vLLM's repetition penalty over prompt
-    and output tokens (positive logits divided, negative multiplied)."""
-    logits = logits.clone()
-    vocab = logits.shape[1]
-    for i, req in enumerate(reqs):
-        p = req.params
-        if not p.has_penalties:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(req.all_token_ids(), dtype=torch.long)
-            seen = seen[seen < vocab].unique()
-            row = logits[i, seen]
-            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if req.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            out = torch.tensor(req.output_token_ids, dtype=torch.long)
-            counts = torch.bincount(out[out < vocab], minlength=vocab).float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-    return logits
-
-
-def apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """OpenAI's logit_bias: each request's biases added to its row, as one indexed add."""
-    rows, cols, values = [], [], []
-    for i, req in enumerate(reqs):
-        for token_id, bias in req.params.logit_bias.items():
-            if token_id < logits.shape[1]:
-                rows.append(i), cols.append(token_id), values.append(bias)
-    if not rows:
-        return logits
-    return logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(values), accumulate=True)
-
-
-def suppress_stops_before_min_tokens(
-    logits: torch.Tensor, reqs: list[Request], keep_one: bool = False
-) -> torch.Tensor:
-    """Stop tokens cannot end a request before min_tokens. `keep_one`: a row whose grammar allows only
-    stop tokens (the structure is complete) keeps them; a row with no token left could not be sampled."""
-    original = logits
-    cloned = False
-    for i, req in enumerate(reqs):
-        if req.num_output_tokens >= req.params.min_tokens:
-            continue
-        stops = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            stops |= set(req.eos_token_ids)
-        stops = [t for t in stops if t < logits.shape[1]]
-        if stops:
-            if not cloned:
-                logits, cloned = logits.clone(), True
-            logits[i, stops] = float("-inf")
-    if cloned and keep_one:
-        dead = torch.isinf(logits).all(dim=-1)
-        if dead.any():
-            logits[dead] = original[dead]
-    return logits

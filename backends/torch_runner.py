@@ -207,7 +207,8 @@ class TorchModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, list[SampleResult]]:
         """One forward pass over every scheduled chunk. Each request with sample=True gets its tokens: one,
-        or with draft tokens, the accepted drafts and one more."""
+        or with draft tokens, the accepted drafts and one more. The sampler works on the logits' device;
+        only its choices come to the host."""
         if not out.scheduled:
             return {}
         logits = self._on_all_ranks("run_step", step_inputs(out))
@@ -217,7 +218,7 @@ class TorchModelRunner:
             return {}
         sampled = [s for s in out.scheduled if s.sample]
         drafts = [s.draft_token_ids for s in sampled] if any(s.draft_token_ids for s in sampled) else None
-        results = self.sampler(logits.cpu(), [s.request for s in sampled], drafts)
+        results = self.sampler(logits, [s.request for s in sampled], drafts)
         return {s.request.request_id: res for s, res in zip(sampled, results, strict=True)}
 
     @torch.inference_mode()

@@ -1,6 +1,9 @@
 """The native engine's side of structured outputs: one llguidance matcher per constrained request, and the
 batched token bitmask the sampler applies before sampling.
 
+The mask is llguidance's packed bitmask (one bit per token), filled on the host and moved to the logits'
+device once per step, where the sampler unpacks and applies it to the whole batch.
+
 A matcher always reflects the request's accepted output tokens: before each mask it consumes the tokens
 accepted since the last one. Preemption by recompute drops it (the engine calls drop()), and the next
 mask rebuilds it from the accepted tokens; finish and abort release it. Compiled grammars are cached per
@@ -78,9 +81,9 @@ class GrammarMatchers:
         """Forget a request's matcher (preempted, finished or aborted)."""
         self._states.pop(request_id, None)
 
-    def fill_mask(self, reqs: list[Request]) -> torch.Tensor | None:
-        """Allowed tokens per row as a [len(reqs), vocab] bool tensor; None when no row is constrained yet.
-        Unconstrained rows allow every token."""
+    def fill_bitmask(self, reqs: list[Request]) -> torch.Tensor | None:
+        """Allowed tokens per row as llguidance's packed int32 bitmask [len(reqs), ceil(vocab / 32)] on the
+        host; None when no row is constrained yet. Unconstrained rows allow every token."""
         import llguidance.torch
 
         started = time.perf_counter()
@@ -91,10 +94,14 @@ class GrammarMatchers:
         bitmask = torch.full((len(reqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         for i, state in rows:
             llguidance.torch.fill_next_token_bitmask(state.matcher, bitmask, i)
-        allowed = unpack_bitmask(bitmask, self.vocab_size)
         self.mask_seconds += time.perf_counter() - started
         self.mask_steps += 1
-        return allowed
+        return bitmask
+
+    def fill_mask(self, reqs: list[Request]) -> torch.Tensor | None:
+        """fill_bitmask unpacked: a [len(reqs), vocab] bool tensor; None when no row is constrained yet."""
+        bitmask = self.fill_bitmask(reqs)
+        return None if bitmask is None else unpack_bitmask(bitmask, self.vocab_size)
 
     def _state(self, req: Request) -> _State | None:
         constraint: StructuredOutput = req.params.structured
@@ -131,10 +138,9 @@ class GrammarMatchers:
         return end >= len(ids) and tokens[end - len(ids) : end] == ids
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """llguidance's / xgrammar's int32 bitmask (bit j of word w allows token 32 * w + j) as a bool tensor."""
-    bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1
+    """llguidance's / xgrammar's int32 bitmask (bit j of word w allows token 32 * w + j) as a bool tensor,
+    on the bitmask's device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()

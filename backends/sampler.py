@@ -126,12 +126,20 @@ class Sampler:
         if logprob_rows:
             raw_logprobs = torch.log_softmax(logits[torch.tensor(logprob_rows, device=device)], dim=-1)
         logits = self._process(logits, rows)
-        targets = torch.argmax(logits, dim=-1)  # every row's greedy choice
+        greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
+        if len(greedy_rows) == len(rows):
+            row_tokens = torch.argmax(logits, dim=-1)
+        else:  # argmax only where it is the choice; _sample_random_rows fills in the others
+            row_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+            if greedy_rows:
+                index = torch.tensor(greedy_rows, device=device)
+                row_tokens.index_copy_(0, index, torch.argmax(logits[index], dim=-1))
         spec = DraftBatch.build(drafts, device) if any(drafts) else None
-        accept = greedy_accepts(spec, targets) if spec is not None else None
-        row_tokens = targets
-        if not all(r.params.greedy for r in reqs):
-            row_tokens, accept = self._sample_random_rows(logits, targets, rows, reqs, drafts, spec, accept)
+        accept = greedy_accepts(spec, row_tokens) if spec is not None else None
+        if len(greedy_rows) < len(rows):
+            row_tokens, accept = self._sample_random_rows(
+                logits, row_tokens, rows, reqs, drafts, spec, accept
+            )
         sampled = _Sampled(row_tokens, None, None, None, None)
         if spec is not None:
             sampled.accepted = accepted_counts(accept)
@@ -157,8 +165,8 @@ class Sampler:
         accept: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows of the requests that sample: their token (an exponential race; at a draft's row, over
-        the residual without the draft), and with drafts their rejection-sampling tests in place of the
-        greedy ones. Returns every row's token and the accept tests."""
+        the residual without the draft) in place of theirs in `targets`, and with drafts their
+        rejection-sampling tests in place of the greedy ones. Returns every row's token and the tests."""
         device = logits.device
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         index = torch.tensor(random_rows, device=device)
@@ -190,7 +198,10 @@ class Sampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The random draws of the random requests' rows: per request one uniform per draft, then the
         exponential noise of its rows. Seeded requests draw from their own generators, the others from the
-        shared one. Returns the uniforms [requests, max drafts] (1 where none was drawn) and the noise."""
+        shared one. Returns the uniforms [requests, max drafts] (1 where none was drawn) and the noise.
+
+        The noise is Exp(1) as -log(U), U uniform in [0, 1): in (0, inf], so probs / noise is never NaN;
+        on a CPU a third of the time of exponential_ (measured: 96 rows of 49152)."""
         width = max(len(d) for d in drafts)
         uniforms = torch.ones(len(reqs), width, device=device)
         noise = torch.empty(shape, device=device)
@@ -207,7 +218,7 @@ class Sampler:
                 gen = self._generator(req, device)
                 if draft:
                     uniforms[n, : len(draft)] = torch.rand(len(draft), generator=gen, device=device)
-                noise[span.start : span.stop].exponential_(generator=gen)
+                noise[span.start : span.stop].uniform_(generator=gen)
             offset = span.stop
         if shared_rows:
             gen = self._shared_generator(device)
@@ -215,11 +226,11 @@ class Sampler:
                 index = torch.tensor(shared_reqs, device=device)
                 uniforms[index] = torch.rand(len(shared_reqs), width, generator=gen, device=device)
             if len(shared_rows) == shape[0]:
-                noise.exponential_(generator=gen)
+                noise.uniform_(generator=gen)
             else:
-                fresh = torch.empty(len(shared_rows), shape[1], device=device).exponential_(generator=gen)
+                fresh = torch.empty(len(shared_rows), shape[1], device=device).uniform_(generator=gen)
                 noise[torch.tensor(shared_rows, device=device)] = fresh
-        return uniforms, noise
+        return uniforms, noise.log_().neg_()
 
     @staticmethod
     def _logprobs(

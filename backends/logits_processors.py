@@ -24,23 +24,21 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         return logits
     device, vocab = logits.device, logits.shape[1]
     penalized = [reqs[i] for i in rows]
+    params = [
+        [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+        for r in penalized
+    ]
+    repetition, frequency, presence = torch.tensor(params, dtype=logits.dtype, device=device).T[:, :, None]
     output_counts = token_counts([r.output_token_ids for r in penalized], vocab, device)
-    seen = token_counts([r.prompt_token_ids for r in penalized], vocab, device) > 0
-    seen |= output_counts > 0
-    params = torch.tensor(
-        [
-            [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
-            for r in penalized
-        ],
-        dtype=logits.dtype,
-        device=device,
-    )
-    repetition, frequency, presence = params[:, 0:1], params[:, 1:2], params[:, 2:3]
     index = torch.tensor(rows, device=device)
     x = logits[index]
-    repeated = torch.where(x > 0, x / repetition, x * repetition)
-    x = torch.where(seen & (repetition != 1.0), repeated, x)
-    x = x - (frequency * output_counts + presence * (output_counts > 0).to(x.dtype))
+    if any(r.params.repetition_penalty != 1.0 for r in penalized):
+        seen = token_counts([r.prompt_token_ids for r in penalized], vocab, device) > 0
+        seen |= output_counts > 0
+        seen &= repetition != 1.0
+        x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    if any(r.params.frequency_penalty or r.params.presence_penalty for r in penalized):
+        x -= frequency * output_counts + presence * (output_counts > 0).to(x.dtype)
     return logits.index_copy(0, index, x)
 
 
@@ -112,9 +110,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[floa
     ranks = torch.arange(vocab, device=device)[None, :]
     drop = ranks >= ks[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    cumulative = probs.cumsum(dim=-1).sub_(probs)  # mass strictly before each token
     drop |= cumulative > torch.tensor(top_ps, device=device)[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
@@ -132,7 +130,7 @@ def filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     (rows with top_p sort; rows with only top_k take a topk), then min-p."""
     device, vocab = logits.device, logits.shape[1]
     temps = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], dtype=logits.dtype, device=device)
-    logits = logits / temps[:, None]
+    logits = logits / temps[:, None]  # a new tensor: the filters below write into it
     nucleus = [i for i, r in enumerate(reqs) if r.params.top_p < 1.0]
     top_k_only = [i for i, r in enumerate(reqs) if r.params.top_p >= 1.0 and 0 < r.params.top_k < vocab]
     if nucleus:
@@ -140,14 +138,12 @@ def filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         rows = apply_top_k_top_p(
             logits[index], [reqs[i].params.top_k for i in nucleus], [reqs[i].params.top_p for i in nucleus]
         )
-        logits = logits.index_copy(0, index, rows)
+        logits.index_copy_(0, index, rows)
     if top_k_only:
         index = torch.tensor(top_k_only, device=device)
-        rows = apply_top_k(logits[index], [reqs[i].params.top_k for i in top_k_only])
-        logits = logits.index_copy(0, index, rows)
+        logits.index_copy_(0, index, apply_top_k(logits[index], [reqs[i].params.top_k for i in top_k_only]))
     probs = logits.softmax(dim=-1)
     if any(r.params.min_p > 0 for r in reqs):
         min_ps = torch.tensor([r.params.min_p for r in reqs], dtype=probs.dtype, device=device)
-        keep = probs >= min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = probs * keep
+        probs.masked_fill_(probs < min_ps[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs

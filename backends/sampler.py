@@ -199,9 +199,8 @@ class Sampler:
         """The random draws of the random requests' rows: per request one uniform per draft, then the
         exponential noise of its rows. Seeded requests draw from their own generators, the others from the
         shared one. Returns the uniforms [requests, max drafts] (1 where none was drawn) and the noise.
-
-        The noise is Exp(1) as -log(U), U uniform in [0, 1): in (0, inf], so probs / noise is never NaN;
-        on a CPU a third of the time of exponential_ (measured: 96 rows of 49152)."""
+        A seeded request without drafts draws exactly what the per-request sampler before this one drew
+        (exponential_ over its row), so seeded outputs did not change with batching."""
         width = max(len(d) for d in drafts)
         uniforms = torch.ones(len(reqs), width, device=device)
         noise = torch.empty(shape, device=device)
@@ -218,7 +217,7 @@ class Sampler:
                 gen = self._generator(req, device)
                 if draft:
                     uniforms[n, : len(draft)] = torch.rand(len(draft), generator=gen, device=device)
-                noise[span.start : span.stop].uniform_(generator=gen)
+                noise[span.start : span.stop].exponential_(generator=gen)
             offset = span.stop
         if shared_rows:
             gen = self._shared_generator(device)
@@ -226,11 +225,11 @@ class Sampler:
                 index = torch.tensor(shared_reqs, device=device)
                 uniforms[index] = torch.rand(len(shared_reqs), width, generator=gen, device=device)
             if len(shared_rows) == shape[0]:
-                noise.uniform_(generator=gen)
+                noise.exponential_(generator=gen)
             else:
-                fresh = torch.empty(len(shared_rows), shape[1], device=device).uniform_(generator=gen)
+                fresh = torch.empty(len(shared_rows), shape[1], device=device).exponential_(generator=gen)
                 noise[torch.tensor(shared_rows, device=device)] = fresh
-        return uniforms, noise.log_().neg_()
+        return uniforms, noise
 
     @staticmethod
     def _logprobs(

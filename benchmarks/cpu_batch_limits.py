@@ -3,7 +3,7 @@ max_num_seqs x max_num_batched_tokens swept, every setting on the same requests,
 round-robin rounds so that a load swing on a shared host falls on all of them.
 
 Workload: --num-requests (256) requests submitted at once (a backlog deeper than any setting's batch),
-prompts of 64..512 random tokens, 16..48 output tokens (EOS ignored), fixed seed. Per setting: output
+prompts of 32..256 random tokens, 8..32 output tokens (EOS ignored), fixed seed. Per setting: output
 tok/s (all output tokens / wall time), TTFT p50 (submission to first token) and TPOT p50 (per request,
 (end - first token) / (tokens - 1)), each the median over rounds. The rule configs/cpu.yaml follows: the
 setting with the highest output throughput whose TPOT p50 stays within the cpu suite's interactive SLO
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(None)
-    output_range = (8, 16) if args.smoke else (16, 48)
-    work = make_workload(args.num_requests, (64, 512), output_range, 49152, seed=0)
+    output_range = (8, 16) if args.smoke else (8, 32)
+    work = make_workload(args.num_requests, (32, 256), output_range, 49152, seed=0)
     settings = [(s, t) for s in args.seqs for t in args.tokens]
     runs: dict[tuple[int, int], list[dict]] = {k: [] for k in settings}
     for r in range(args.rounds):
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "workload": {
             "num_requests": args.num_requests,
-            "prompt_tokens": [64, 512],
+            "prompt_tokens": [32, 256],
             "output_tokens": output_range,
         },
         "tpot_slo_ms": args.tpot_slo_ms,

@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from backends.devices import get_device
 from backends.loader import iter_safetensors
 from backends.models import model_class
 from backends.parallel import TensorParallel, pack_model, use
 from backends.sampler import Sampler, SampleResult
 from backends.spec_decode.config import MTP_ALIASES
+from backends.spec_decode.mtp import MtpDrafter
+from backends.tp_worker import TPWorkers
 from glm_kernels.backend import AttentionBackend, AttentionContext, LayerCache, kv_bytes_per_token
 from glm_kernels.metadata import build_step_metadata
 from glm_kernels.registry import AttentionKernelError, get_attention_backend, preferred_kernel
@@ -77,8 +80,6 @@ class TorchModelRunner:
         self.tp = TensorParallel(rank, config.tensor_parallel_size)
         self.device = torch.device(config.device)
         if self.tp.size > 1:
-            from backends.devices import get_device
-
             self.device = torch.device(get_device(config.device).device_string(rank))
         self.dtype = DTYPES[config.dtype]
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
@@ -99,9 +100,7 @@ class TorchModelRunner:
         """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
         load in parallel) and then joins the process group with them."""
         if self.tp.size > 1 and self.tp.rank == 0:
-            from backends.tp_worker import TPWorkers
-
-            self.workers = TPWorkers(self.config, self.model_dir)
+            self.workers = TPWorkers(self.config, self.model_dir, type(self))
         try:
             self._load()
             if self.workers is not None:
@@ -118,8 +117,6 @@ class TorchModelRunner:
         self.hf_config = hf_config
         cls = model_class(hf_config.model_type)
         if self.tp.size > 1:
-            from backends.devices import get_device
-
             get_device(self.config.device).set_device(self.tp.rank)
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
@@ -172,8 +169,6 @@ class TorchModelRunner:
         per_block = kv_bytes_per_token(self.model.kv_cache_specs(), self.kv_dtype) * self.config.block_size
         budget = self.config.kv_cache_bytes
         if budget is None:
-            from backends.devices import get_device
-
             budget = get_device(self.config.device).kv_budget_bytes(self.config.memory_fraction, self.tp.rank)
         return self.tp.all_reduce_min(max(1, budget // per_block), self.device)
 
@@ -245,8 +240,6 @@ class TorchModelRunner:
 
     def mtp_drafter(self, spec):
         """The drafter of speculative decoding with method mtp (backends/spec_decode/mtp.py)."""
-        from backends.spec_decode.mtp import MtpDrafter
-
         if self.tp.size > 1:
             raise ValueError(
                 "speculative decoding with method mtp needs tensor_parallel_size 1 on the native engine"

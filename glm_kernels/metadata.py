@@ -96,6 +96,7 @@ class AttnGroup:
     max_q: int
     max_kv: int
     flat_out_index: torch.Tensor  # [n_valid] positions in the flattened output for the valid rows
+    valid_rows: torch.Tensor  # [n_valid] the valid rows' indices in [S * max_q] (gathers without a host sync)
 
     @property
     def is_decode(self) -> bool:
@@ -164,6 +165,7 @@ def _group(idx: list[int], step: StepMetadata) -> AttnGroup:
         max_q=max_q,
         max_kv=max_kv,
         flat_out_index=token_index[valid].to(device),
+        valid_rows=valid.flatten().nonzero().flatten().to(device),
     )
 
 

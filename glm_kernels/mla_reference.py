@@ -72,5 +72,5 @@ def dsa_topk(
         index_scores = index_scores.masked_fill(~causal_mask(group)[:, 0], float("-inf"))
         best = index_scores.topk(min(index_topk, group.max_kv), dim=-1)
         chosen = torch.where(best.values == float("-inf"), -1, best.indices).to(torch.int32)
-        out[group.flat_out_index, : chosen.shape[-1]] = chosen[group.valid]
+        out[group.flat_out_index, : chosen.shape[-1]] = chosen.flatten(0, 1).index_select(0, group.valid_rows)
     return out

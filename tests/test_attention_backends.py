@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from backends.model_dims import from_config
+from backends.model_dims import kv_bytes_per_token as planned_kv_bytes
+from backends.models import model_class
 from backends.models.glm_moe_dsa import DsaAttention
 from backends.models.mla import MlaRope
 from backends.models.moe import StepState
-from backends.models.tiny import tiny_glm5_config
+from backends.models.tiny import tiny_glm5_config, tiny_llama_config
 from glm_kernels.backend import (
     AttentionBackend,
     AttentionContext,
@@ -212,6 +215,27 @@ def test_kv_bytes_do_not_depend_on_the_layout(backend_case):
         tensors += [c.index_keys] if c.index_keys is not None else []
     allocated = sum(x.numel() * x.element_size() for x in tensors)
     assert allocated == kv_bytes_per_token(specs, case.dtype) * 3 * case.block_size
+
+
+def tiny_lite_config():
+    from transformers import Glm4MoeLiteConfig
+
+    return Glm4MoeLiteConfig(
+        vocab_size=700, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make_config", [tiny_llama_config, tiny_lite_config, lambda: tiny_glm5_config(700, [1])]
+)
+def test_the_planner_counts_what_the_models_ask_the_backends_for(make_config):
+    """backends/model_dims.py (the planner, from config.json alone) and the native model's cache specs agree."""
+    config = make_config()
+    dims = from_config(config.to_dict(), config.model_type)
+    specs = model_class(config.model_type)(config).kv_cache_specs()
+    assert kv_bytes_per_token(specs, torch.bfloat16) == planned_kv_bytes(dims, "bfloat16", dims.num_layers)
 
 
 # -- DSA's top-k: index tensors on the device, no host sync --------------------------------------------------

@@ -118,19 +118,14 @@ class AttentionBackend(ABC, Generic[M]):
             return torch.zeros(shape, dtype=dtype, device=device)
 
         if isinstance(spec, GqaSpec):
-            heads = spec.num_kv_heads
+            pages = (num_blocks, block_size, spec.num_kv_heads)
             if self.kv_layout is KvLayout.HEAD_MAJOR:
-                return GqaCache(zeros(num_blocks, heads, block_size, spec.head_dim),
-                                zeros(num_blocks, heads, block_size, spec.v_head_dim))  # fmt: skip
-            return GqaCache(zeros(num_blocks, block_size, heads, spec.head_dim),
-                            zeros(num_blocks, block_size, heads, spec.v_head_dim))  # fmt: skip
+                pages = (num_blocks, spec.num_kv_heads, block_size)
+            return GqaCache(zeros(*pages, spec.head_dim), zeros(*pages, spec.v_head_dim))
         index_keys = zeros(num_blocks, block_size, spec.index_dim) if spec.index_dim else None
         if self.mla_layout is MlaLayout.SPLIT:
-            c_kv, k_pe = (
-                zeros(num_blocks, block_size, spec.kv_lora_rank),
-                zeros(num_blocks, block_size, spec.rope_dim),
-            )
-            return MlaCache(c_kv, k_pe, None, index_keys)
+            c_kv = zeros(num_blocks, block_size, spec.kv_lora_rank)
+            return MlaCache(c_kv, zeros(num_blocks, block_size, spec.rope_dim), None, index_keys)
         rows = zeros(num_blocks, block_size, spec.kv_lora_rank + spec.rope_dim)
         c_kv, k_pe = rows.split([spec.kv_lora_rank, spec.rope_dim], dim=-1)
         return MlaCache(c_kv, k_pe, rows, index_keys)

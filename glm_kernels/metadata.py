@@ -11,7 +11,8 @@ AttentionMetadata adds the grouping every backend's metadata starts from: decode
 buckets of similar context length, and the prefill chunks, so that one long context or chunk does not pad
 every row; each group can gather its KV blocks into a padded [S, L, ...] tensor (gather_kv) for one batched
 call. The plain-torch kernels (glm_kernels/reference.py, mla_reference.py: the correctness oracle, the DSA
-top-k) run over it; the other backends add what their own kernels read."""
+top-k) run over it; the other backends add what their own kernels read. write_rows is the slot write of
+block-major caches."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ DECODE_BUCKET = 16  # decode rows per group, sorted by context length: less key 
 
 @dataclass(frozen=True, slots=True)
 class StepMetadata:
+    """One forward pass's requests (S of them) and new tokens (T), kernel-neutral."""
+
     block_size: int
     starts: list[int]  # per request: tokens already in its KV cache
     query_lens: list[int]  # per request: new tokens this step

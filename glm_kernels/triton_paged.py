@@ -58,14 +58,18 @@ class GroupView:
     max_kv: int
 
 
-def group_view(group: AttnGroup) -> GroupView:
-    s, max_q = group.token_index.shape
+def group_view(step: StepMetadata, group: AttnGroup) -> GroupView:
+    """From the step's host lists: one host-to-device copy per tensor, no reduction on the device."""
+
+    def lengths(values: list[int]) -> torch.Tensor:
+        return torch.tensor([values[i] for i in group.requests], dtype=torch.int32, device=step.device)
+
     return GroupView(
-        first_token=group.token_index[:, 0].to(torch.int32),
-        q_lens=group.valid.sum(1, dtype=torch.int32),
-        seq_lens=group.kv_mask.reshape(s, -1).sum(1, dtype=torch.int32),
+        first_token=lengths(step.query_start_host),
+        q_lens=lengths(step.query_lens),
+        seq_lens=lengths(step.seq_lens_host),
         block_tables=group.block_tables.to(torch.int32),
-        max_q=max_q,
+        max_q=group.max_q,
         max_kv=group.max_kv,
     )
 
@@ -77,7 +81,7 @@ class TritonMetadata(AttentionMetadata):
 
 def build_triton_metadata(step: StepMetadata) -> TritonMetadata:
     groups = group_step(step)
-    return TritonMetadata(step, groups, [group_view(g) for g in groups])
+    return TritonMetadata(step, groups, [group_view(step, g) for g in groups])
 
 
 def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:

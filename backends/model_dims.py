@@ -310,7 +310,9 @@ def kv_bytes_per_token(d: ModelDims, kv_dtype: str, layers: int, tp: int = 1, vl
 
     MLA caches one latent (kv_lora_rank + qk_rope_head_dim values) per layer, the same on every TP rank;
     DSA adds the indexer keys (index_head_dim values) on the layers with an indexer. GQA caches K and V
-    for the KV heads of this rank. vllm_cuda selects vLLM's CUDA formats (fp8_ds_mla, fp8 indexer keys)."""
+    for the KV heads of this rank. vllm_cuda selects vLLM's CUDA formats (fp8_ds_mla, fp8 indexer keys).
+    The native engine's count does not depend on the attention backend: every backend's layout (block- or
+    head-major, joint or split latent; glm_kernels/backend.py) holds the same values unpadded."""
     width = KV_BYTES[kv_dtype]
     if not d.is_mla:
         kv_heads = max(1, d.num_kv_heads // tp) if d.num_kv_heads >= tp else 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_kernels import cpu_linear
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "GLM_SERVE_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0  # one collective (a forward step, a gather) may wait this long for the other ranks
@@ -296,3 +299,25 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.logits(hidden)
+
+
+def pack_model(model: nn.Module) -> int:
+    """Pack the weights of the model's CPU linear layers (Linear with `packable`) and of the layer its logits
+    come from (`model.logits_layer()`) for glm_kernels/cpu_linear.py. A layer oneDNN refuses keeps F.linear.
+    Returns how many were packed."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.packable]
+    logits_layer = getattr(model, "logits_layer", None)
+    if logits_layer is not None and logits_layer() is not None:
+        layers.append(logits_layer())
+    count = 0
+    for layer in layers:
+        weight = layer.weight
+        if weight.device.type != "cpu" or weight.dim() != 2 or not cpu_linear.packs(weight.dtype):
+            continue
+        try:
+            layer.packed = cpu_linear.pack(weight)
+        except RuntimeError as exc:  # an op this build or CPU does not offer for the shape or dtype
+            log.warning("oneDNN did not pack %s (%s); it keeps F.linear", tuple(weight.shape), exc)
+            continue
+        count += 1
+    return count

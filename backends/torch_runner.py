@@ -19,13 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from backends.devices import get_device
 from backends.loader import iter_safetensors
 from backends.models import model_class
-from backends.parallel import TensorParallel, use
+from backends.parallel import TensorParallel, pack_model, use
 from backends.sampler import Sampler, SampleResult
 from backends.spec_decode.config import MTP_ALIASES
-from glm_kernels import cpu_linear
-from glm_kernels.reference import build_metadata
+from backends.spec_decode.mtp import MtpDrafter
+from backends.tp_worker import TPWorkers
+from glm_kernels.backend import AttentionBackend, AttentionContext, LayerCache, kv_bytes_per_token
+from glm_kernels.metadata import build_step_metadata
+from glm_kernels.registry import AttentionKernelError, get_attention_backend, preferred_kernel
 from server.config import EngineConfig
 from server.scheduler.scheduler import SchedulerOutput
 from server.structured_output import StructuredOutput
@@ -76,13 +80,12 @@ class TorchModelRunner:
         self.tp = TensorParallel(rank, config.tensor_parallel_size)
         self.device = torch.device(config.device)
         if self.tp.size > 1:
-            from backends.devices import get_device
-
             self.device = torch.device(get_device(config.device).device_string(rank))
         self.dtype = DTYPES[config.dtype]
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
         self.model = None
-        self.kv_caches: list = []
+        self.attn_backend: AttentionBackend | None = None  # chosen at load: owns the KV layout and kernels
+        self.kv_caches: list[LayerCache] = []
         self.num_blocks = 0
         self.workers = None  # rank 0 of a tensor-parallel group: backends.tp_worker.TPWorkers
         self.grammars: GrammarMatchers | None = None  # rank 0: structured-output matchers of the sampler
@@ -97,9 +100,7 @@ class TorchModelRunner:
         """Load this rank's shard. Rank 0 of a tensor-parallel group also starts the other ranks first (they
         load in parallel) and then joins the process group with them."""
         if self.tp.size > 1 and self.tp.rank == 0:
-            from backends.tp_worker import TPWorkers
-
-            self.workers = TPWorkers(self.config, self.model_dir)
+            self.workers = TPWorkers(self.config, self.model_dir, type(self))
         try:
             self._load()
             if self.workers is not None:
@@ -116,8 +117,6 @@ class TorchModelRunner:
         self.hf_config = hf_config
         cls = model_class(hf_config.model_type)
         if self.tp.size > 1:
-            from backends.devices import get_device
-
             get_device(self.config.device).set_device(self.tp.rank)
         with torch.device(self.device), _skip_param_init(), use(self.tp):
             model = cls(hf_config)
@@ -131,9 +130,10 @@ class TorchModelRunner:
         model.load_weights(iter_safetensors(self.model_dir, lazy=self.tp.size > 1))
         self.model = model.to(self.dtype).eval()
         if self.device.type == "cpu":
-            packed = cpu_linear.pack_model(self.model)
+            packed = pack_model(self.model)
             log.info("packed %d linear weights for oneDNN", packed)
-        self.attention_kernel = install_attention_kernel(self.model, self.config)
+        self.attn_backend = attention_backend(self.config)
+        self.attention_kernel = self.attn_backend.name
         if self.tp.rank == 0:
             self.sampler = Sampler(hf_config.vocab_size, seed=self.config.seed)
         log.info(
@@ -166,11 +166,9 @@ class TorchModelRunner:
         return self._on_all_ranks("_fit_kv_blocks")
 
     def _fit_kv_blocks(self) -> int:
-        per_block = self.model.kv_bytes_per_token(self.kv_dtype) * self.config.block_size
+        per_block = kv_bytes_per_token(self.model.kv_cache_specs(), self.kv_dtype) * self.config.block_size
         budget = self.config.kv_cache_bytes
         if budget is None:
-            from backends.devices import get_device
-
             budget = get_device(self.config.device).kv_budget_bytes(self.config.memory_fraction, self.tp.rank)
         return self.tp.all_reduce_min(max(1, budget // per_block), self.device)
 
@@ -179,8 +177,8 @@ class TorchModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.kv_caches = self.model.allocate_kv_cache(
-            num_blocks, self.config.block_size, self.kv_dtype, self.device
+        self.kv_caches = self.attn_backend.allocate(
+            self.model.kv_cache_specs(), num_blocks, self.config.block_size, self.kv_dtype, self.device
         )
         if self.uses_mtp:
             self.kv_caches, self.mtp_kv_cache = self.kv_caches[:-1], self.kv_caches[-1]
@@ -225,25 +223,24 @@ class TorchModelRunner:
     def run_step(self, step: StepInputs) -> torch.Tensor | None:
         """The forward pass of one step on this rank; the sampled rows' logits on rank 0 (None elsewhere,
         or when nothing is sampled)."""
-        meta = build_metadata(
-            step.starts, step.query_lens, step.block_tables, self.config.block_size, self.device
-        )
-        positions = [
-            p for start, n in zip(step.starts, step.query_lens, strict=True) for p in range(start, start + n)
-        ]
+        attn = self.attention_context(step.starts, step.query_lens, step.block_tables)
         ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self.model(ids, attn.positions, self.kv_caches, attn)
         if self.uses_mtp:
             self.last_hidden = hidden
         if not step.sample_index:
             return None
         return self.model.compute_logits(hidden[torch.tensor(step.sample_index, device=self.device)])
 
+    def attention_context(
+        self, starts: list[int], query_lens: list[int], block_tables: list[list[int]]
+    ) -> AttentionContext:
+        """The backend's metadata for one forward pass, built once and shared by every layer."""
+        step = build_step_metadata(starts, query_lens, block_tables, self.config.block_size, self.device)
+        return AttentionContext.for_step(self.attn_backend, step)
+
     def mtp_drafter(self, spec):
         """The drafter of speculative decoding with method mtp (backends/spec_decode/mtp.py)."""
-        from backends.spec_decode.mtp import MtpDrafter
-
         if self.tp.size > 1:
             raise ValueError(
                 "speculative decoding with method mtp needs tensor_parallel_size 1 on the native engine"
@@ -251,32 +248,21 @@ class TorchModelRunner:
         return MtpDrafter(self, spec.num_speculative_tokens)
 
 
-def install_attention_kernel(model: nn.Module, config: EngineConfig) -> str:
-    """Point every attention layer at the profile's kernel (glm_kernels/registry.py); "auto" picks the fastest
-    one available on the device. Layers default to the plain-torch reference."""
-    from glm_kernels.registry import AttentionKernelError, get_attention_kernel, preferred_kernel
-
+def attention_backend(config: EngineConfig) -> AttentionBackend:
+    """The profile's attention backend (glm_kernels/registry.py); "auto" picks the fastest one available on
+    the device and falls back to the plain-torch reference when it cannot be set up."""
     name = config.attention_kernel
     if name == "auto":
         name = preferred_kernel(config.device, config.block_size)
     try:
-        kernel = get_attention_kernel(name, config.device, config.block_size, config.cache_dir)
+        backend = get_attention_backend(name, config.device, config.block_size, config.cache_dir)
     except AttentionKernelError as exc:
         if config.attention_kernel != "auto":
             raise
         log.warning("%s; auto falls back to the reference kernel", exc)
-        kernel = get_attention_kernel("reference", config.device, config.block_size)
-    if kernel.name == "reference":
-        return kernel.name
-    for module in model.modules():
-        if hasattr(module, "paged_attention_fn"):
-            module.paged_attention_fn = kernel.paged_attention
-        if hasattr(module, "mla_attention_fn"):
-            if kernel.mla_attention is None:
-                raise ValueError(f"attention kernel {kernel.name!r} has no MLA path for this model")
-            module.mla_attention_fn = kernel.mla_attention
-    log.info("attention kernel: %s", kernel.name)
-    return kernel.name
+        backend = get_attention_backend("reference", config.device, config.block_size)
+    log.info("attention backend: %s", backend.name)
+    return backend
 
 
 @contextlib.contextmanager

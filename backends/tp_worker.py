@@ -1,6 +1,6 @@
 """The ranks 1.. of a tensor-parallel engine: one spawned process each, and their handle in rank 0.
 
-A worker builds a TorchModelRunner of its rank, loads its shard, reports "ready", joins the process group
+A worker builds a runner of its rank (rank 0's class: TorchModelRunner), loads its shard, reports "ready", joins the process group
 and then loops: receive (method, args) from rank 0 over the control group, run the runner's method (a
 step's forward, the KV-cache allocation), which meets rank 0 in the model's collectives; "stop" ends it.
 
@@ -46,7 +46,7 @@ class TPWorkers:
     """Rank 0's handle on the worker processes: start, wait until they are loaded, send them each step,
     translate their failures, stop them."""
 
-    def __init__(self, config: EngineConfig, model_dir: Path):
+    def __init__(self, config: EngineConfig, model_dir: Path, runner_class: type):
         self.size = config.tensor_parallel_size
         if config.device == "cpu" and not config.num_threads:  # ranks share the host's cores
             config = dataclasses.replace(config, num_threads=max(1, torch.get_num_threads() // self.size))
@@ -61,7 +61,7 @@ class TPWorkers:
         self.procs = [
             ctx.Process(
                 target=worker_main,
-                args=(rank, config, str(model_dir), self.port, self.timeout_s, self.status),
+                args=(rank, runner_class, config, str(model_dir), self.port, self.timeout_s, self.status),
                 name=f"glm-serve-tp{rank}",
                 daemon=True,
             )
@@ -168,16 +168,20 @@ def receive(control: Any) -> tuple[str, tuple]:
 
 
 def worker_main(
-    rank: int, config: EngineConfig, model_dir: str, port: int, timeout_s: float, status: Any
+    rank: int,
+    runner_class: type,
+    config: EngineConfig,
+    model_dir: str,
+    port: int,
+    timeout_s: float,
+    status: Any,
 ) -> None:
-    """The process of one worker rank (spawned by TPWorkers)."""
-    from backends.torch_runner import TorchModelRunner
-
+    """The process of one worker rank (spawned by TPWorkers): a `runner_class(config, model_dir, rank=rank)`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops the workers
     try:
         if config.device == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        runner = TorchModelRunner(config, Path(model_dir), rank=rank)
+        runner = runner_class(config, Path(model_dir), rank=rank)
         runner.load_model()
         status.put(("ready", rank, ""))
         control = parallel.init_process_group(

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.offline_throughput import cpu_model, git_commit  # noqa: E402
 from glm_kernels import cpu_linear, cpu_paged  # noqa: E402
-from glm_kernels.reference import build_metadata, paged_attention  # noqa: E402
+from glm_kernels.metadata import build_step_metadata  # noqa: E402
+from glm_kernels.reference import paged_attention  # noqa: E402
 
 # SmolLM2-135M: 9 query heads, 3 KV heads x 64, hidden 576, intermediate 1536, vocabulary 49152.
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -70,7 +71,8 @@ def decode_attention(batch: int, context: tuple[int, int], block_size: int, seed
         count = n // block_size + 1
         tables.append(order[used : used + count])
         used += count
-    meta = build_metadata(lens, [1] * batch, tables, block_size)  # each decodes token `n` after n cached
+    step = build_step_metadata(lens, [1] * batch, tables, block_size)  # each decodes token `n` after n cached
+    meta = cpu_paged.build_cpu_metadata(step)  # the groups for the reference, the rows for the C++ kernel
     k = torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM)
     v = torch.randn_like(k)
     q = torch.randn(batch, HEADS, HEAD_DIM)

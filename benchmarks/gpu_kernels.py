@@ -67,10 +67,10 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from glm_kernels import reference  # noqa: E402
-from glm_kernels.dsa_topk import reference_mla_attention  # noqa: E402
+from glm_kernels import metadata, reference  # noqa: E402
+from glm_kernels.mla_reference import mla_paged_attention as reference_mla_attention  # noqa: E402
 from glm_kernels.triton_mla import mla_group  # noqa: E402
-from glm_kernels.triton_paged import group_views, paged_decode  # noqa: E402
+from glm_kernels.triton_paged import build_triton_metadata, paged_decode  # noqa: E402
 
 DEVICE = "cpu" if ARGS.smoke else "cuda"
 GQA_SWEEP = {
@@ -106,8 +106,8 @@ def decode_batch(batch: int, context: int, block_size: int, seed: int = 0):
     free = list(range(sum(need)))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(k)] for k in need]
-    meta = reference.build_metadata([n - 1 for n in seq_lens], [1] * batch, tables, block_size, DEVICE)
-    return meta, sum(need), seq_lens
+    step = metadata.build_step_metadata([n - 1 for n in seq_lens], [1] * batch, tables, block_size, DEVICE)
+    return build_triton_metadata(step), sum(need), seq_lens
 
 
 def check_close(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -141,7 +141,7 @@ def gqa_workload(dtype: torch.dtype, deadline: float) -> dict:
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(ARGS.batch, heads, dim, dtype=dtype, device=DEVICE)
     scale = dim**-0.5
-    (view,) = group_views(meta)
+    (view,) = meta.views
     out = torch.empty_like(q)
 
     def triton_run(**config) -> torch.Tensor:
@@ -149,8 +149,8 @@ def gqa_workload(dtype: torch.dtype, deadline: float) -> dict:
         return out
 
     group = meta.groups[0]
-    kg = reference.gather_kv(k_cache, group).transpose(1, 2).contiguous()  # [B, kv_heads, L, D]
-    vg = reference.gather_kv(v_cache, group).transpose(1, 2).contiguous()
+    kg = metadata.gather_kv(k_cache, group).transpose(1, 2).contiguous()  # [B, kv_heads, L, D]
+    vg = metadata.gather_kv(v_cache, group).transpose(1, 2).contiguous()
 
     def sdpa_run() -> torch.Tensor:
         return F.scaled_dot_product_attention(
@@ -183,7 +183,7 @@ def mla_workload(name: str, heads: int, topk: int | None, dtype: torch.dtype, de
         rows = [torch.randperm(n, device=DEVICE)[:k].sort().values for n in seq_lens]
         indices = torch.stack(rows).to(torch.int32)
         visible = k * ARGS.batch
-    (view,) = group_views(meta)
+    (view,) = meta.views
     out = torch.empty_like(q_nope)
 
     def triton_run(**config) -> torch.Tensor:
@@ -191,7 +191,7 @@ def mla_workload(name: str, heads: int, topk: int | None, dtype: torch.dtype, de
         return out
 
     group = meta.groups[0]
-    latent = reference.gather_kv(cache, group)[:, None]  # [B, 1, L, rank + rope]
+    latent = metadata.gather_kv(cache, group)[:, None]  # [B, 1, L, rank + rope]
     q_full = torch.cat([q_nope, q_pe], -1)[:, :, None]
     mask = group.kv_mask
     if indices is not None:

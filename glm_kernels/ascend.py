@@ -41,10 +41,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 
-from glm_kernels.reference import AttentionMetadata, AttnGroup
+from glm_kernels import mla_reference
+from glm_kernels.backend import AttentionBackend, GqaCache, MlaCache, MlaLayout
+from glm_kernels.metadata import AttentionMetadata, AttnGroup, StepMetadata, group_step
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,6 @@ MASK_SIZE = 2048  # FIA's "optimized" causal mask for sparse_mode 2/3/4 is alway
 MLA_MAX_QUERIES = 16  # FIA with query_rope accepts S of 1..16
 PREFILL_BLOCK_SIZES = (128, 256, 384, 512)  # paged FIA with S > 1
 MLA_BLOCK_SIZES = (16, 128)  # paged FIA with query_rope (ND caches)
-
-LatentCache = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def _torch_npu() -> ModuleType:
@@ -63,41 +64,81 @@ def _torch_npu() -> ModuleType:
 
 
 @dataclass(frozen=True, slots=True)
+class MlaPieces:
+    """A prefill group's chunks as pieces of <= 16 queries (FIA-MLA's limit): piece [a, a + n) of a request
+    sees keys < context + a + n."""
+
+    index: torch.Tensor  # [P, 16] rows of the flattened tokens, padding repeats the piece's last row
+    block_tables: torch.Tensor  # [P, max_blocks] int32: each piece's request's table
+    lens: list[int]  # queries per piece
+    kv_lens: list[int]
+    valid: torch.Tensor  # [P, 16] bool
+
+
+@dataclass(frozen=True, slots=True)
 class HostGroup:
-    """An AttnGroup's lengths on the host (the ops take them as ints) and its int32 block tables."""
+    """A group's lengths as the ops take them: host ints, a host tensor, device tensors; all built once a step."""
 
     first_tokens: list[int]
     q_lens: list[int]
     seq_lens: list[int]
+    seq_lens_cpu: torch.Tensor  # [S] int32 on the host (_npu_paged_attention's context_lens)
+    seq_lens_device: torch.Tensor  # [S] int32
+    cum_q_lens: torch.Tensor  # [S] int32 cumulative new tokens (TND's actual_seq_lengths_query)
     block_tables: torch.Tensor  # [S, max_blocks] int32, on the device
+    pieces: MlaPieces | None  # prefill groups
 
 
-def host_group(group: AttnGroup) -> HostGroup:
-    s = group.token_index.shape[0]
-    lengths = torch.stack(
-        [group.token_index[:, 0], group.valid.sum(1), group.kv_mask.reshape(s, -1).sum(1)]
-    ).tolist()  # one device-to-host copy per group and step
-    return HostGroup(*lengths, block_tables=group.block_tables.to(torch.int32))
+@dataclass(frozen=True, slots=True)
+class AscendMetadata(AttentionMetadata):
+    host: list[HostGroup]  # one per group
+    mask: torch.Tensor  # FIA's 2048 x 2048 "optimized" causal mask (True = masked), made once per device
 
 
-_last_step: tuple[AttentionMetadata | None, list[HostGroup]] = (None, [])
+def build_ascend_metadata(step: StepMetadata, mask: torch.Tensor) -> AscendMetadata:
+    groups = group_step(step)
+    return AscendMetadata(step, groups, [host_group(step, g) for g in groups], mask)
 
 
-def host_groups(meta: AttentionMetadata) -> list[HostGroup]:
-    global _last_step
-    if _last_step[0] is not meta:
-        _last_step = (meta, [host_group(g) for g in meta.groups])
-    return _last_step[1]
+def host_group(step: StepMetadata, group: AttnGroup) -> HostGroup:
+    q_lens = [step.query_lens[i] for i in group.requests]
+    seq_lens = [step.seq_lens_host[i] for i in group.requests]
+    first = [step.query_start_host[i] for i in group.requests]
+    device = step.device
+    tables = group.block_tables.to(torch.int32)
+    cum = torch.tensor(q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return HostGroup(
+        first, q_lens, seq_lens,
+        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int32),
+        seq_lens_device=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cum_q_lens=cum.to(device),
+        block_tables=tables,
+        pieces=None if group.is_decode else mla_pieces(first, q_lens, seq_lens, tables),
+    )  # fmt: skip
 
 
-_masks: dict[torch.device, torch.Tensor] = {}
+def mla_pieces(first: list[int], q_lens: list[int], seq_lens: list[int], tables: torch.Tensor) -> MlaPieces:
+    rows, piece_lens, kv_lens, owners = [], [], [], []
+    for s, (f, q_len, seq_len) in enumerate(zip(first, q_lens, seq_lens, strict=True)):
+        for a in range(0, q_len, MLA_MAX_QUERIES):
+            n = min(MLA_MAX_QUERIES, q_len - a)
+            rows.append([f + a + min(i, n - 1) for i in range(MLA_MAX_QUERIES)])
+            piece_lens.append(n)
+            kv_lens.append(seq_len - q_len + a + n)
+            owners.append(s)
+    valid = torch.arange(MLA_MAX_QUERIES)[None, :] < torch.tensor(piece_lens)[:, None]
+    device = tables.device
+    return MlaPieces(
+        index=torch.tensor(rows, device=device),
+        block_tables=tables[torch.tensor(owners, device=device)],
+        lens=piece_lens,
+        kv_lens=kv_lens,
+        valid=valid.to(device),
+    )
 
 
 def causal_mask(device: torch.device) -> torch.Tensor:
-    if device not in _masks:
-        ones = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool, device=device)
-        _masks[device] = torch.triu(ones, diagonal=1)
-    return _masks[device]
+    return torch.triu(torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool, device=device), diagonal=1)
 
 
 def _require_block_size(block_size: int, allowed: tuple[int, ...], what: str) -> None:
@@ -113,17 +154,17 @@ def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, v_dim]
-    meta: AttentionMetadata,
+    meta: AscendMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Drop-in for glm_kernels.reference.paged_attention on an NPU. Returns [T, heads, v_dim]."""
     npu = _torch_npu()
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    for group, host in zip(meta.groups, host_groups(meta), strict=True):
-        if group.mask is None:
+    for group, host in zip(meta.groups, meta.host, strict=True):
+        if group.is_decode:
             _decode(npu, q, k_cache, v_cache, out, group, host, scale)
         else:
-            _prefill(npu, q, k_cache, v_cache, out, group, host, scale)
+            _prefill(npu, q, k_cache, v_cache, out, group, host, meta.mask, scale)
     return out
 
 
@@ -138,20 +179,20 @@ def _decode(npu, q, k_cache, v_cache, out, group: AttnGroup, host: HostGroup, sc
         num_heads=q.shape[1],
         scale_value=scale,
         block_table=host.block_tables,
-        context_lens=torch.tensor(host.seq_lens, dtype=torch.int32),  # host tensor, as the op requires
+        context_lens=host.seq_lens_cpu,  # host tensor, as the op requires
         out=result,
     )
     out[rows] = result
 
 
-def _prefill(npu, q, k_cache, v_cache, out, group: AttnGroup, host: HostGroup, scale: float) -> None:
+def _prefill(npu, q, k_cache, v_cache, out, group: AttnGroup, host: HostGroup, mask, scale: float) -> None:
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     _require_block_size(block_size, PREFILL_BLOCK_SIZES, "Prefill with a paged KV cache")
     result, _ = npu.npu_fused_infer_attention_score(
         q[group.token_index],  # [S, max_q, heads, D], padding rows repeat a real row
         k_cache.view(num_blocks, block_size, -1),
         v_cache.view(num_blocks, block_size, -1),
-        atten_mask=causal_mask(q.device),
+        atten_mask=mask,
         actual_seq_lengths=host.q_lens,
         actual_seq_lengths_kv=host.seq_lens,
         block_table=host.block_tables,
@@ -165,55 +206,37 @@ def _prefill(npu, q, k_cache, v_cache, out, group: AttnGroup, host: HostGroup, s
     out[group.flat_out_index] = result[group.valid]
 
 
-# -- MLA over the latent cache -------------------------------------------------------------------------
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
-
-
-def split_latent(latent_cache: LatentCache, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_kv [nb, bs, rank], k_pe [nb, bs, rope]). A joint [nb, bs, rank + rope] cache is copied apart on
-    every call - correct but slow; an Ascend runner should allocate the two caches separately."""
-    if isinstance(latent_cache, tuple):
-        return latent_cache
-    _warn_once(
-        "joint", "ascend MLA got a joint latent cache: copying it apart each call (allocate c_kv/k_pe)"
-    )
-    return latent_cache[..., :rank].contiguous(), latent_cache[..., rank:].contiguous()
-
-
+# -- MLA over the split latent cache -------------------------------------------------------------------
 def mla_paged_attention(
     q_nope: torch.Tensor,  # [T, heads, kv_lora_rank]
     q_pe: torch.Tensor,  # [T, heads, rope_dim]
-    latent_cache: LatentCache,  # (c_kv, k_pe) caches, or one joint [nb, bs, rank + rope] cache
-    meta: AttentionMetadata,
+    c_kv: torch.Tensor,  # [num_blocks, block_size, kv_lora_rank]
+    k_pe: torch.Tensor,  # [num_blocks, block_size, rope_dim]
+    meta: AscendMetadata,
     scale: float,
     topk_indices: torch.Tensor | None = None,  # [T, k] key positions, -1 = padding
 ) -> torch.Tensor:
     """glm_kernels.triton_mla's semantics on an NPU. Returns [T, heads, kv_lora_rank]."""
     npu = _torch_npu()
-    rank = q_nope.shape[-1]
-    c_kv, k_pe = split_latent(latent_cache, rank)
     if topk_indices is not None:
         return _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta, scale, topk_indices)
     _require_block_size(c_kv.shape[1], MLA_BLOCK_SIZES, "MLA with a paged latent cache")
     out = q_nope.new_empty(q_nope.shape)
-    for group, host in zip(meta.groups, host_groups(meta), strict=True):
-        if group.mask is None:
+    for group, host in zip(meta.groups, meta.host, strict=True):
+        if group.is_decode:
             rows = group.flat_out_index
             result = _fia_mla(npu, q_nope[rows][:, None], q_pe[rows][:, None], c_kv, k_pe, scale,
-                              host.block_tables, None, host.seq_lens)  # fmt: skip
+                              host.block_tables, None, host.seq_lens, None)  # fmt: skip
             out[rows] = result[:, 0]
         else:
-            _mla_prefill(npu, q_nope, q_pe, c_kv, k_pe, out, host, scale)
+            pieces = host.pieces
+            result = _fia_mla(npu, q_nope[pieces.index], q_pe[pieces.index], c_kv, k_pe, scale,
+                              pieces.block_tables, pieces.lens, pieces.kv_lens, meta.mask)  # fmt: skip
+            out[pieces.index[pieces.valid]] = result[pieces.valid]
     return out
 
 
-def _fia_mla(npu, query, query_rope, c_kv, k_pe, scale, block_table, q_lens, kv_lens) -> torch.Tensor:
+def _fia_mla(npu, query, query_rope, c_kv, k_pe, scale, block_table, q_lens, kv_lens, mask) -> torch.Tensor:
     num_blocks, block_size = c_kv.shape[:2]
     many = query.shape[1] > 1
     result, _ = npu.npu_fused_infer_attention_score(
@@ -222,7 +245,7 @@ def _fia_mla(npu, query, query_rope, c_kv, k_pe, scale, block_table, q_lens, kv_
         c_kv.view(num_blocks, block_size, -1),
         query_rope=query_rope,
         key_rope=k_pe.view(num_blocks, block_size, -1),
-        atten_mask=causal_mask(query.device) if many else None,
+        atten_mask=mask if many else None,
         actual_seq_lengths=q_lens,
         actual_seq_lengths_kv=kv_lens,
         block_table=block_table,
@@ -236,25 +259,6 @@ def _fia_mla(npu, query, query_rope, c_kv, k_pe, scale, block_table, q_lens, kv_
     return result
 
 
-def _mla_prefill(npu, q_nope, q_pe, c_kv, k_pe, out, host: HostGroup, scale: float) -> None:
-    """Chunks as pieces of <= 16 queries: piece [a, a + n) of a request sees keys < context + a + n."""
-    rows, piece_lens, kv_lens, tables = [], [], [], []
-    for s, (first, q_len, seq_len) in enumerate(
-        zip(host.first_tokens, host.q_lens, host.seq_lens, strict=True)
-    ):
-        for a in range(0, q_len, MLA_MAX_QUERIES):
-            n = min(MLA_MAX_QUERIES, q_len - a)
-            rows.append([first + a + min(i, n - 1) for i in range(MLA_MAX_QUERIES)])
-            piece_lens.append(n)
-            kv_lens.append(seq_len - q_len + a + n)
-            tables.append(s)
-    index = torch.tensor(rows, device=q_nope.device)  # [P, 16], padding repeats the piece's last row
-    table = host.block_tables[torch.tensor(tables, device=q_nope.device)]
-    result = _fia_mla(npu, q_nope[index], q_pe[index], c_kv, k_pe, scale, table, piece_lens, kv_lens)
-    valid = torch.arange(MLA_MAX_QUERIES)[None, :] < torch.tensor(piece_lens)[:, None]
-    out[index[valid.to(index.device)]] = result[valid.to(result.device)]
-
-
 def _sparse_op(npu):
     op = getattr(npu, "npu_sparse_flash_attention", None)
     if op is None:
@@ -262,16 +266,20 @@ def _sparse_op(npu):
     return op
 
 
-def _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta, scale, topk_indices) -> torch.Tensor:
+_warned: set[str] = set()
+
+
+def _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta: AscendMetadata, scale, topk_indices) -> torch.Tensor:
     op = _sparse_op(npu)
     if op is None:
-        from glm_kernels.dsa_topk import reference_mla_attention
-
-        _warn_once("sparse", "npu_sparse_flash_attention not found: DSA top-k runs on the torch reference")
-        return reference_mla_attention(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), meta, scale, topk_indices)
+        if "sparse" not in _warned:
+            _warned.add("sparse")
+            log.warning("npu_sparse_flash_attention not found: DSA top-k runs on the torch reference")
+        rows = torch.cat([c_kv, k_pe], -1)
+        return mla_reference.mla_paged_attention(q_nope, q_pe, rows, meta, scale, topk_indices)
     num_blocks, block_size = c_kv.shape[:2]
     out = q_nope.new_empty(q_nope.shape)
-    for group, host in zip(meta.groups, host_groups(meta), strict=True):
+    for group, host in zip(meta.groups, meta.host, strict=True):
         rows = group.flat_out_index  # request-major: TND order
         idx = topk_indices[rows]
         padding_last = torch.sort((idx < 0).to(torch.int8), dim=1, stable=True).indices
@@ -284,8 +292,8 @@ def _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta, scale, topk_indices) -> tor
             scale_value=scale,
             sparse_block_size=1,
             block_table=host.block_tables,
-            actual_seq_lengths_query=group.valid.sum(1).cumsum(0).to(torch.int32),
-            actual_seq_lengths_kv=torch.tensor(host.seq_lens, dtype=torch.int32, device=q_nope.device),
+            actual_seq_lengths_query=host.cum_q_lens,
+            actual_seq_lengths_kv=host.seq_lens_device,
             query_rope=q_pe[rows].contiguous(),
             key_rope=k_pe.view(num_blocks, block_size, 1, -1),
             layout_query="TND",
@@ -293,3 +301,25 @@ def _mla_sparse(npu, q_nope, q_pe, c_kv, k_pe, meta, scale, topk_indices) -> tor
             sparse_mode=3,
         )
     return out
+
+
+class AscendBackend(AttentionBackend[AscendMetadata]):
+    """Block-major GQA caches (ATB's and FIA's paged layout as is); MLA split into c_kv and k_pe caches, as
+    FIA and the sparse op take them (and npu_mla_prolog writes them)."""
+
+    name: ClassVar[str] = "ascend"
+    mla_layout: ClassVar[MlaLayout] = MlaLayout.SPLIT
+
+    def __init__(self) -> None:
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    def build_metadata(self, step: StepMetadata) -> AscendMetadata:
+        if step.device not in self._masks:
+            self._masks[step.device] = causal_mask(step.device)
+        return build_ascend_metadata(step, self._masks[step.device])
+
+    def gqa_attention(self, q, cache: GqaCache, meta: AscendMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, cache.key, cache.value, meta, scale)
+
+    def mla_attention(self, q_latent, q_pe, cache: MlaCache, meta, scale, topk_indices) -> torch.Tensor:
+        return mla_paged_attention(q_latent, q_pe, cache.c_kv, cache.k_pe, meta, scale, topk_indices)

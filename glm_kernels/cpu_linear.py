@@ -18,12 +18,7 @@ _linear_pointwise); where this torch build lacks them, nothing is packed and F.l
 
 from __future__ import annotations
 
-import logging
-
 import torch
-from torch import nn
-
-log = logging.getLogger(__name__)
 
 BATCH_HINT = 64  # rows oneDNN tunes the packed layout for; measured insensitive from 1 to 2048 rows
 DTYPES = (torch.float32, torch.bfloat16)
@@ -50,27 +45,3 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) with a weight from `pack`; x may have any leading dims."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def pack_model(model: nn.Module) -> int:
-    """Pack the weights of the model's CPU linear layers (backends/parallel.Linear with `packable`) and of the
-    layer its logits come from (`model.logits_layer()`). A layer oneDNN refuses keeps F.linear. Returns how
-    many were packed."""
-    from backends.parallel import Linear
-
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.packable]
-    logits_layer = getattr(model, "logits_layer", None)
-    if logits_layer is not None and logits_layer() is not None:
-        layers.append(logits_layer())
-    count = 0
-    for layer in layers:
-        weight = layer.weight
-        if weight.device.type != "cpu" or weight.dim() != 2 or not packs(weight.dtype):
-            continue
-        try:
-            layer.packed = pack(weight)
-        except RuntimeError as exc:  # an op this build or CPU does not offer for the shape or dtype
-            log.warning("oneDNN did not pack %s (%s); it keeps F.linear", tuple(weight.shape), exc)
-            continue
-        count += 1
-    return count

@@ -13,18 +13,24 @@ compiler and the `ninja` package) into GLM_SERVE_CACHE_DIR/kernels; later loads 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from glm_kernels import reference
-from glm_kernels.reference import AttentionMetadata
+from glm_kernels.backend import GqaCache
+from glm_kernels.metadata import AttentionMetadata, StepMetadata, group_step
+from glm_kernels.reference import ReferenceBackend
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +71,16 @@ def vector_flags() -> list[str]:
 
 
 def build_dir(cache: str | None = None) -> Path:
-    """One build per torch installation and CPU: the kernel is compiled for -march=native, so a cache
+    """Where the kernel is built: under `cache` (the engine's cache_dir; None: its default, as
+    backends/loader.py's cache_dir resolves it), one build per torch installation and CPU: the kernel is compiled for -march=native, so a cache
     directory shared by machines of different CPUs (or baked into an image) must not hand one CPU's build to
     another; and two environments (.venv, .venv-vllm) sharing it would otherwise rebuild it in turn, since the
     builder's hash covers torch's include paths."""
-    import hashlib
-
-    from backends.loader import cache_dir
-
     version = torch.__version__.replace("+", "_")
     key = " ".join([str(Path(torch.__file__).resolve().parent), *sorted(_cpu_flags())])
     cpu = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir(cache) / "kernels" / f"cpu_paged_torch{version}_{cpu}"
+    root = cache or os.environ.get("GLM_SERVE_CACHE_DIR") or Path.home() / ".cache" / "glm-serve"
+    return Path(root) / "kernels" / f"cpu_paged_torch{version}_{cpu}"
 
 
 def _cpu_flags() -> set[str]:
@@ -86,8 +90,6 @@ def _cpu_flags() -> set[str]:
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    import platform
-
     return {platform.machine(), platform.processor()}
 
 
@@ -150,37 +152,81 @@ def paged_decode(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class CpuMetadata(AttentionMetadata):
+    """The groups (MLA and a KV-cache dtype other than the compute dtype run on the reference) and the step
+    per request, for walking block tables in place."""
+
+    decode_tokens: torch.Tensor  # [S] rows of the flattened tokens that are decode tokens (q_len 1)
+    decode_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0
+    decode_lens: torch.Tensor  # [S] int32: context length including the new token
+    prefill: list[PrefillChunk]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    first: int  # its first row in the flattened tokens
+    start: int  # its first position
+    q_len: int
+    block_table: list[int]
+    mask: torch.Tensor | None  # [q_len, start + q_len] bool (bottom-right causal); None: is_causal (start 0)
+
+
+def build_cpu_metadata(step: StepMetadata) -> CpuMetadata:
+    decode = [i for i, q in enumerate(step.query_lens) if q == 1]
+    needed = [(step.starts[i] + step.block_size) // step.block_size for i in decode]  # blocks of start + 1
+    width = max(needed, default=0)
+    tables = [step.block_tables_host[i][:n] + [0] * (width - n) for i, n in zip(decode, needed, strict=True)]
+    device = step.device
+    prefill = []
+    for i, q_len in enumerate(step.query_lens):
+        if q_len > 1:
+            start = step.starts[i]
+            mask = None
+            if start:  # query i sits at position start + i: bottom-right aligned causal mask
+                mask = torch.ones(q_len, start + q_len, dtype=torch.bool, device=device).tril(diagonal=start)
+            prefill.append(
+                PrefillChunk(step.query_start_host[i], start, q_len, step.block_tables_host[i], mask)
+            )
+    return CpuMetadata(
+        step,
+        group_step(step),
+        decode_tokens=torch.tensor(
+            [step.query_start_host[i] for i in decode], dtype=torch.long, device=device
+        ),
+        decode_tables=torch.tensor(tables, dtype=torch.int32, device=device).view(len(decode), width),
+        decode_lens=torch.tensor([step.starts[i] + 1 for i in decode], dtype=torch.int32, device=device),
+        prefill=prefill,
+    )
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, heads, dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, dim]
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: CpuMetadata,
     scale: float,
 ) -> torch.Tensor:
     """glm_kernels/reference.py's paged_attention, computed without gathering decode tokens' context."""
     if k_cache.dtype != q.dtype:  # a KV-cache dtype other than the compute dtype: the C++ kernel has one
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    rows = meta.rows
-    if rows.decode_tokens.numel():
-        out[rows.decode_tokens] = paged_decode(
-            q[rows.decode_tokens], k_cache, v_cache, rows.decode_tables, rows.decode_lens, scale
+    if meta.decode_tokens.numel():
+        out[meta.decode_tokens] = paged_decode(
+            q[meta.decode_tokens], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale
         )
-    for first, start, q_len, table in rows.prefill:
-        seq_len = start + q_len
+    block_size = meta.step.block_size
+    for chunk in meta.prefill:
+        first, q_len, seq_len = chunk.first, chunk.q_len, chunk.start + chunk.q_len
         qs = q[first : first + q_len].transpose(0, 1)[None]  # [1, heads, q_len, dim]
-        ks = _context(k_cache, table, seq_len, meta.block_size)
-        vs = _context(v_cache, table, seq_len, meta.block_size)
-        mask = rows.masks.get(first)
-        if start and mask is None:  # query i sits at position start + i: bottom-right aligned causal mask
-            mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            rows.masks[first] = mask  # the step's other layers reuse it
+        ks = _context(k_cache, chunk.block_table, seq_len, block_size)
+        vs = _context(v_cache, chunk.block_table, seq_len, block_size)
         o = F.scaled_dot_product_attention(
             qs,
             ks,
             vs,
-            attn_mask=mask,
-            is_causal=not start,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
             scale=scale,
             enable_gqa=qs.shape[1] != ks.shape[1],
         )
@@ -192,3 +238,19 @@ def _context(cache: torch.Tensor, table: list[int], seq_len: int, block_size: in
     """[1, kv_heads, seq_len, dim] of one request's cached tokens."""
     blocks = cache[table[: (seq_len + block_size - 1) // block_size]]
     return blocks.flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+
+
+class CpuBackend(ReferenceBackend):
+    """The reference's layouts; GQA through the C++ decode kernel and per-request SDPA, MLA as the reference."""
+
+    name: ClassVar[str] = "cpu"
+
+    @classmethod
+    def setup(cls, cache_dir: str | None) -> None:
+        load(cache_dir)
+
+    def build_metadata(self, step: StepMetadata) -> CpuMetadata:
+        return build_cpu_metadata(step)
+
+    def gqa_attention(self, q, cache: GqaCache, meta: CpuMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, cache.key, cache.value, meta, scale)

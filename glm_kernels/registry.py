@@ -1,14 +1,10 @@
-"""Attention kernels by name: the profile's `engine.attention_kernel` picks one for its device.
+"""Attention backends by name: the profile's `engine.attention_kernel` picks one for its device.
 
-Entries name their functions as "module:function" strings and are imported only by get_attention_kernel, so
+Entries name their backend class as a "module:Class" string, imported only by get_attention_backend, so
 reading or listing the registry never imports triton, torch_npu or torch_mlu, and the availability check
-(find_spec on the vendor modules, the device type, the block size) never starts a device.
-
-Every entry offers the same two calls (see glm_kernels/reference.py and glm_kernels/mla_reference.py for semantics):
-    paged_attention(q [T, heads, dim], k_cache, v_cache, meta, scale) -> [T, heads, v_dim]
-    mla_attention(q_nope [T, heads, rank], q_pe [T, heads, rope], latent_cache, meta, scale,
-                  topk_indices [T, k] | None) -> [T, heads, rank]
-The caches' physical layout is the entry's `kv_layout` / `mla_cache`, which the runner must allocate."""
+(find_spec on the vendor modules, the device type, the block size) never starts a device. Every backend
+implements glm_kernels/backend.py: AttentionBackend, which owns its KV-cache layout (the class's kv_layout and
+mla_layout): the layout is the chosen backend's, never configured apart from it."""
 
 from __future__ import annotations
 
@@ -16,32 +12,24 @@ import importlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from backends.devices.base import module_present
-from server.config import ConfigError
-
-KV_BLOCK_MAJOR = "[num_blocks, block_size, kv_heads, dim]"  # glm_kernels/reference.py's layout
-KV_HEAD_MAJOR = "[num_blocks, kv_heads, block_size, dim]"  # torch_mlu_ops' layout
-MLA_JOINT = "one [num_blocks, block_size, kv_lora_rank + rope_dim] tensor"
-MLA_SPLIT = "a (c_kv [num_blocks, block_size, kv_lora_rank], k_pe [num_blocks, block_size, rope_dim]) pair"
+if TYPE_CHECKING:  # the registry imports no torch: config validation reads it
+    from glm_kernels.backend import AttentionBackend
 
 
-class AttentionKernelError(ConfigError):
+class AttentionKernelError(ValueError):
     """engine.attention_kernel names a kernel that is unknown or cannot run here."""
 
 
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
-    paged_attention: str  # "module:function"
-    mla_attention: str | None  # "module:function", None when the entry has no MLA path yet
+    backend: str  # "module:Class", an AttentionBackend
     devices: tuple[str, ...]  # torch device types it runs on
     requires: tuple[str, ...] = ()  # importable modules it needs (checked without importing them)
     tools: tuple[str, ...] = ()  # programs it needs on PATH; "$CXX" is the C++ compiler ($CXX, else c++)
-    setup: str | None = None  # "module:function(cache_dir)" run when the kernel is chosen (builds, loads)
-    kv_layout: str = KV_BLOCK_MAJOR
-    mla_cache: str = MLA_JOINT
     block_sizes: tuple[int, ...] | None = None  # allowed engine.block_size values; None: any
     interpreter_on_cpu: bool = False  # also runs on cpu under TRITON_INTERPRET=1 (tests)
     description: str = ""
@@ -49,55 +37,49 @@ class KernelSpec:
 
 ATTENTION_KERNELS: dict[str, KernelSpec] = {
     "reference": KernelSpec(
-        "glm_kernels.reference:paged_attention",
-        "glm_kernels.dsa_topk:reference_mla_attention",
+        "glm_kernels.reference:ReferenceBackend",
         devices=("cpu", "cuda", "npu", "mlu"),
         description="plain torch (gather + SDPA); the correctness oracle and the CPU kernel",
     ),
     "cpu": KernelSpec(
-        "glm_kernels.cpu_paged:paged_attention",
-        "glm_kernels.dsa_topk:reference_mla_attention",
+        "glm_kernels.cpu_paged:CpuBackend",
         devices=("cpu",),
         requires=("ninja",),
         tools=("$CXX",),
-        setup="glm_kernels.cpu_paged:load",
         description="C++ decode kernel reading KV blocks in place (built once per machine), per-request SDPA "
         "for prefill chunks; MLA as the reference",
     ),
     "triton": KernelSpec(
-        "glm_kernels.triton_paged:paged_attention",
-        "glm_kernels.triton_mla:mla_paged_attention",
+        "glm_kernels.triton_backend:TritonBackend",
         devices=("cuda",),
         requires=("triton",),
         interpreter_on_cpu=True,
         description="Triton paged decode (split-KV) and prefill kernels, MLA with DSA top-k",
     ),
     "ascend": KernelSpec(
-        "glm_kernels.ascend:paged_attention",
-        "glm_kernels.ascend:mla_paged_attention",
+        "glm_kernels.ascend:AscendBackend",
         devices=("npu",),
         requires=("torch_npu",),
-        mla_cache=MLA_SPLIT,
         block_sizes=(128,),  # FIA paged prefill needs a multiple of 128; its MLA path needs 16 or 128
-        description="torch_npu fused inference attention (FIA, ATB paged attention, sparse FA)",
+        description="torch_npu fused inference attention (FIA, ATB paged attention, sparse FA); split MLA cache",
     ),
     "cambricon": KernelSpec(
-        "glm_kernels.cambricon:paged_attention",
-        "glm_kernels.cambricon:mla_paged_attention",
+        "glm_kernels.cambricon:CambriconBackend",
         devices=("mlu",),
         requires=("torch_mlu", "torch_mlu_ops"),
-        kv_layout=KV_HEAD_MAJOR,
-        description="torch_mlu_ops flash_attention / single_query_cached_kv_attn",
+        description="torch_mlu_ops flash_attention / single_query_cached_kv_attn over head-major KV caches",
     ),
 }
 
 
-@dataclass(frozen=True, slots=True)
-class AttentionKernel:
-    name: str
-    spec: KernelSpec
-    paged_attention: Callable
-    mla_attention: Callable | None
+def module_present(name: str) -> bool:
+    """Whether `name` could be imported, without importing it (a module already in sys.modules counts)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _device_type(device: str) -> str:
@@ -152,24 +134,21 @@ def preferred_kernel(device: str, block_size: int | None = None) -> str:
     return next(n for n in PREFERENCE if unavailable_reason(n, device, block_size) is None)
 
 
-def _load(path: str) -> Callable:
-    module, _, attr = path.partition(":")
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The backend class of entry `name`, imported now (its vendor library is imported on first call)."""
+    module, _, attr = ATTENTION_KERNELS[name].backend.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def get_attention_kernel(
+def get_attention_backend(
     name: str, device: str, block_size: int | None = None, cache_dir: str | None = None
-) -> AttentionKernel:
-    """The kernel's functions, imported now (the vendor library itself is imported on first call); a kernel
-    built on first use is built now, under `cache_dir` (the engine's; None: the default)."""
+) -> AttentionBackend:
+    """A backend of entry `name`, set up (a kernel built on first use is built now, under `cache_dir`: the
+    engine's; None: the default)."""
     check_attention_kernel(name, device, block_size)
-    spec = ATTENTION_KERNELS[name]
-    if spec.setup is not None:
-        try:
-            _load(spec.setup)(cache_dir)
-        except Exception as exc:
-            raise AttentionKernelError(
-                f"engine.attention_kernel {name!r} could not be set up: {exc}"
-            ) from exc
-    mla = _load(spec.mla_attention) if spec.mla_attention else None
-    return AttentionKernel(name, spec, _load(spec.paged_attention), mla)
+    cls = backend_class(name)
+    try:
+        cls.setup(cache_dir)
+    except Exception as exc:
+        raise AttentionKernelError(f"engine.attention_kernel {name!r} could not be set up: {exc}") from exc
+    return cls()

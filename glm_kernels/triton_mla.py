@@ -1,6 +1,6 @@
 """Multi-head latent attention (MLA) in Triton over the latent paged cache, dense causal or DSA top-k sparse.
 
-Semantics (the same as glm_kernels.mla_reference.mla_paged_attention, with the DSA selection given as indices):
+Semantics (the same as glm_kernels.mla_reference.mla_paged_attention):
     latent_cache   [num_blocks, block_size, kv_lora_rank + rope_dim]   row = [c (normalized KV latent) | k_pe]
     q_nope         [T, heads, kv_lora_rank]   q_nope already absorbed into the latent space (q_nope @ W_uk)
     q_pe           [T, heads, rope_dim]       roped query part
@@ -27,15 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from glm_kernels.reference import AttentionMetadata
 from glm_kernels.triton_paged import (
     LOG2E,
     GroupView,
+    TritonMetadata,
     _online_update,
     choose_splits,
     combine_splits,
     dot_config,
-    group_views,
     pow2,
 )
 
@@ -170,13 +169,13 @@ def mla_paged_attention(
     q_nope: torch.Tensor,  # [T, heads, kv_lora_rank]
     q_pe: torch.Tensor,  # [T, heads, rope_dim]
     latent_cache: torch.Tensor,  # [num_blocks, block_size, kv_lora_rank + rope_dim]
-    meta: AttentionMetadata,
+    meta: TritonMetadata,
     scale: float,
     topk_indices: torch.Tensor | None = None,  # [T, k] key positions, -1 = padding
 ) -> torch.Tensor:
     """Attention of the new tokens over their requests' cached latents (new rows already written).
     Returns [T, heads, kv_lora_rank] in q_nope's dtype."""
     out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], q_nope.shape[2])
-    for view in group_views(meta):
+    for view in meta.views:
         mla_group(q_nope, q_pe, latent_cache, out, view, scale, topk_indices)
     return out

@@ -11,7 +11,7 @@ Layouts (last dim contiguous; the other strides are free):
 GQA: query head h reads kv head h // (heads // kv_heads). Block tables map logical block i of a request to a
 physical block; any block_size works (each key's page is looked up on its own).
 
-Per AttnGroup of the metadata (glm_kernels.reference.build_metadata):
+Per AttnGroup of the metadata (glm_kernels/metadata.py), through its GroupView (TritonMetadata, built once a step):
   - decode (q_len == 1): split-KV flash decoding. One program per (request, kv head, split) computes all
     query heads of the GQA group (padded to 16 rows for tl.dot) against its share of the context, so every
     K/V byte is read once; splits > 1 write fp32 partials (output, log2-sum-exp) that a second kernel
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm_kernels.reference import AttentionMetadata, AttnGroup
+from glm_kernels.metadata import AttentionMetadata, AttnGroup, StepMetadata, group_step
 
 # Whether this module's kernels were decorated for the interpreter (decided at import, as triton.jit does).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,27 +58,30 @@ class GroupView:
     max_kv: int
 
 
-def group_view(group: AttnGroup) -> GroupView:
-    s, max_q = group.token_index.shape
+def group_view(step: StepMetadata, group: AttnGroup) -> GroupView:
+    """From the step's host lists: one host-to-device copy per tensor, no reduction on the device."""
+
+    def lengths(values: list[int]) -> torch.Tensor:
+        return torch.tensor([values[i] for i in group.requests], dtype=torch.int32, device=step.device)
+
     return GroupView(
-        first_token=group.token_index[:, 0].to(torch.int32),
-        q_lens=group.valid.sum(1, dtype=torch.int32),
-        seq_lens=group.kv_mask.reshape(s, -1).sum(1, dtype=torch.int32),
+        first_token=lengths(step.query_start_host),
+        q_lens=lengths(step.query_lens),
+        seq_lens=lengths(step.seq_lens_host),
         block_tables=group.block_tables.to(torch.int32),
-        max_q=max_q,
+        max_q=group.max_q,
         max_kv=group.max_kv,
     )
 
 
-_last_step: tuple[AttentionMetadata | None, list[GroupView]] = (None, [])
+@dataclass(frozen=True, slots=True)
+class TritonMetadata(AttentionMetadata):
+    views: list[GroupView]  # one per group, built once per step
 
 
-def group_views(meta: AttentionMetadata) -> list[GroupView]:
-    """Views of meta's groups; every layer of a step passes the same meta, so they are built once a step."""
-    global _last_step
-    if _last_step[0] is not meta:
-        _last_step = (meta, [group_view(g) for g in meta.groups])
-    return _last_step[1]
+def build_triton_metadata(step: StepMetadata) -> TritonMetadata:
+    groups = group_step(step)
+    return TritonMetadata(step, groups, [group_view(step, g) for g in groups])
 
 
 def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
@@ -357,12 +360,12 @@ def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, v_dim]
-    meta: AttentionMetadata,
+    meta: TritonMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Drop-in for glm_kernels.reference.paged_attention. Returns [T, heads, v_dim] in q's dtype."""
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    for view in group_views(meta):
+    for view in meta.views:
         if view.max_q == 1:
             paged_decode(q, k_cache, v_cache, out, view, scale)
         else:

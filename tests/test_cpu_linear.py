@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear
+from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear, pack_model
 from glm_kernels import cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN linear")
@@ -56,7 +56,7 @@ def test_pack_model_packs_linears_and_the_logits_layer_only(tie):
 
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=300, tie_word_embeddings=tie))
     # per layer: qkv, o_proj, gate_up, down; and the logits rows
-    assert cpu_linear.pack_model(model) == 2 * 4 + 1
+    assert pack_model(model) == 2 * 4 + 1
     assert (model.embed_tokens.packed is not None) == tie
     if not tie:
         assert model.lm_head.packed is not None
@@ -73,7 +73,7 @@ def test_mla_absorbed_projection_is_not_packed():
     from tests.test_models_glm4_moe_lite import tiny_config
 
     model = Glm4MoeLiteForCausalLM(tiny_config(300))
-    assert cpu_linear.pack_model(model) > 0
+    assert pack_model(model) > 0
     attn = [m for m in model.modules() if hasattr(m, "kv_b_proj")]
     assert attn and all(m.kv_b_proj.packed is None for m in attn)
     assert all(m.kv_a_proj_with_mqa.packed is not None and m.o_proj.packed is not None for m in attn)

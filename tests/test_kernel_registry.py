@@ -1,4 +1,5 @@
-"""glm_kernels/registry.py: names -> lazily imported kernels; clear config errors; checks that import nothing."""
+"""glm_kernels/registry.py: names -> lazily imported attention backends; clear config errors; checks that import
+nothing."""
 
 from __future__ import annotations
 
@@ -8,40 +9,38 @@ import sys
 
 import pytest
 
-from glm_kernels import dsa_topk, reference
+from glm_kernels.backend import KvLayout, MlaLayout
+from glm_kernels.reference import ReferenceBackend
 from glm_kernels.registry import (
     ATTENTION_KERNELS,
     AttentionKernelError,
     KernelSpec,
     available_kernels,
     check_attention_kernel,
-    get_attention_kernel,
+    get_attention_backend,
     preferred_kernel,
 )
-from server.config import ConfigError
 from tests.fakes import install_fake
 
 
-def top_level_functions(module: str) -> set[str]:
-    """Functions a module defines, read from its source without importing it (no triton, no vendor)."""
+def top_level_classes(module: str) -> set[str]:
+    """Classes a module defines, read from its source without importing it (no triton, no vendor)."""
     origin = importlib.util.find_spec(module).origin
     with open(origin) as f:
         tree = ast.parse(f.read())
-    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    return {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 @pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
-def test_every_entry_names_existing_functions(name):
-    spec = ATTENTION_KERNELS[name]
-    for path in filter(None, (spec.paged_attention, spec.mla_attention)):
-        module, _, function = path.partition(":")
-        assert function in top_level_functions(module), path
+def test_every_entry_names_an_existing_backend_class(name):
+    module, _, cls = ATTENTION_KERNELS[name].backend.partition(":")
+    assert cls in top_level_classes(module), ATTENTION_KERNELS[name].backend
 
 
 def test_unknown_name_lists_the_available_ones():
     with pytest.raises(AttentionKernelError) as err:
         check_attention_kernel("flashinfer", "cpu")
-    assert isinstance(err.value, ConfigError)
+    assert isinstance(err.value, ValueError)
     message = str(err.value)
     assert "unknown engine.attention_kernel 'flashinfer'" in message
     assert "available on cpu: reference" in message
@@ -81,21 +80,24 @@ def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
     assert "triton" in available_kernels("cuda")
 
 
-def test_reference_resolves_to_the_reference_functions():
-    kernel = get_attention_kernel("reference", "cpu")
-    assert kernel.paged_attention is reference.paged_attention
-    assert kernel.mla_attention is dsa_topk.reference_mla_attention
+def test_reference_resolves_to_the_reference_backend():
+    backend = get_attention_backend("reference", "cpu")
+    assert type(backend) is ReferenceBackend and backend.name == "reference"
+    assert (backend.kv_layout, backend.mla_layout) == (KvLayout.BLOCK_MAJOR, MlaLayout.JOINT)
 
 
 def test_vendor_entries_resolve_with_their_library_present(monkeypatch):
+    """Each backend's layouts are its class's: the Ascend one splits the MLA cache, the Cambricon one allocates
+    head-major GQA caches (what torch_mlu_ops reads)."""
     install_fake(monkeypatch, "torch_npu")
     install_fake(monkeypatch, "torch_mlu")
     install_fake(monkeypatch, "torch_mlu_ops")
-    ascend = get_attention_kernel("ascend", "npu:0", block_size=128)
-    assert ascend.paged_attention.__module__ == "glm_kernels.ascend"
-    assert ascend.spec.mla_cache.startswith("a (c_kv")
-    cambricon = get_attention_kernel("cambricon", "mlu")
-    assert cambricon.spec.kv_layout == "[num_blocks, kv_heads, block_size, dim]"
+    ascend = get_attention_backend("ascend", "npu:0", block_size=128)
+    assert type(ascend).__module__ == "glm_kernels.ascend" and ascend.name == "ascend"
+    assert (ascend.kv_layout, ascend.mla_layout) == (KvLayout.BLOCK_MAJOR, MlaLayout.SPLIT)
+    cambricon = get_attention_backend("cambricon", "mlu")
+    assert (cambricon.kv_layout, cambricon.mla_layout) == (KvLayout.HEAD_MAJOR, MlaLayout.JOINT)
+    assert cambricon.kv_layout.value == "[num_blocks, kv_heads, block_size, dim]"
 
 
 def test_availability_check_imports_nothing(monkeypatch, tmp_path):
@@ -103,7 +105,7 @@ def test_availability_check_imports_nothing(monkeypatch, tmp_path):
     (tmp_path / "exploding_vendor.py").write_text("raise RuntimeError('imported!')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = KernelSpec(
-        "glm_kernels.reference:paged_attention", None, devices=("npu",), requires=("exploding_vendor",)
+        "glm_kernels.reference:ReferenceBackend", devices=("npu",), requires=("exploding_vendor",)
     )
     monkeypatch.setitem(ATTENTION_KERNELS, "exploding", spec)
     assert "exploding" in available_kernels("npu")

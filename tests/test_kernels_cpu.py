@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from glm_kernels import cpu_paged
-from glm_kernels.reference import build_metadata, paged_attention, write_kv
-from glm_kernels.registry import AttentionKernelError, get_attention_kernel
+from glm_kernels.metadata import build_step_metadata, write_rows
+from glm_kernels.reference import paged_attention
+from glm_kernels.registry import AttentionKernelError, get_attention_backend
 from tests.engine_helpers import check_parity, make_tiny_llama, one_torch_thread, random_prompts
 
 missing = cpu_paged.missing_build_tools()
@@ -21,6 +22,10 @@ TOL = {
     torch.float16: {"rtol": 2e-3, "atol": 2e-3},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
 }
+
+
+def cpu_metadata(starts, q_lens, tables, block_size) -> cpu_paged.CpuMetadata:
+    return cpu_paged.build_cpu_metadata(build_step_metadata(starts, q_lens, tables, block_size))
 
 
 def random_batch(rng: random.Random, block_size: int, n_req: int, num_blocks: int):
@@ -55,19 +60,20 @@ def test_matches_reference(seed, block_size, heads, kv_heads, head_dim, v_dim, d
     torch.manual_seed(seed)
     num_blocks = 200
     starts, q_lens, tables = random_batch(rng, block_size, 12, num_blocks)
-    meta = build_metadata(starts, q_lens, tables, block_size)
-    assert meta.rows.decode_tokens.numel() and meta.rows.prefill  # both paths are exercised
+    meta = cpu_metadata(starts, q_lens, tables, block_size)
+    assert meta.decode_tokens.numel() and meta.prefill  # both paths are exercised
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, v_dim).to(dtype)
-    t = meta.num_tokens
-    write_kv(k_cache, v_cache, torch.randn(t, kv_heads, head_dim), torch.randn(t, kv_heads, v_dim), meta)
+    t = meta.step.num_tokens
+    write_rows(k_cache, torch.randn(t, kv_heads, head_dim), meta.step.slot_mapping)
+    write_rows(v_cache, torch.randn(t, kv_heads, v_dim), meta.step.slot_mapping)
     q = torch.randn(t, heads, head_dim).to(dtype)
     scale = head_dim**-0.5
     expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, scale)
     assert out.dtype == dtype and out.shape == (t, heads, v_dim)
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
-    # A second layer of the same step (same metadata, masks built by the first layer) with other queries.
+    # A second layer of the same step (the same metadata) with other queries.
     q2 = torch.randn(t, heads, head_dim).to(dtype)
     expected2 = paged_attention(q2.float(), k_cache.float(), v_cache.float(), meta, scale)
     torch.testing.assert_close(
@@ -84,7 +90,7 @@ def test_decode_with_one_token_of_context_and_threads():
     rng.shuffle(free)
     for s in starts:
         tables.append([free.pop() for _ in range(s // 16 + 1)])
-    meta = build_metadata(starts, [1] * len(starts), tables, 16)
+    meta = cpu_metadata(starts, [1] * len(starts), tables, 16)
     k_cache, v_cache = torch.randn(1000, 16, 2, 64), torch.randn(1000, 16, 2, 64)
     q = torch.randn(len(starts), 8, 64)
     saved = torch.get_num_threads()
@@ -118,12 +124,11 @@ def test_bad_inputs_are_errors_not_crashes():
 
 
 def test_registry_sets_it_up_and_reports_build_failures(monkeypatch):
-    kernel = get_attention_kernel("cpu", "cpu")
-    assert kernel.paged_attention is cpu_paged.paged_attention
+    assert isinstance(get_attention_backend("cpu", "cpu"), cpu_paged.CpuBackend)
     monkeypatch.setattr(cpu_paged, "_loaded", False)
     monkeypatch.setattr(cpu_paged, "missing_build_tools", lambda: "a C++ compiler (c++ on PATH, or $CXX)")
     with pytest.raises(AttentionKernelError, match="could not be set up: .*C\\+\\+ compiler"):
-        get_attention_kernel("cpu", "cpu")
+        get_attention_backend("cpu", "cpu")
 
 
 def test_llama_engine_with_cpu_kernel_matches_transformers(tmp_path):
@@ -159,10 +164,10 @@ def test_a_kv_cache_dtype_other_than_the_compute_dtype_falls_back_to_the_referen
     monkeypatch.setattr(cpu_paged, "paged_decode", no_kernel)
     rng = random.Random(3)
     starts, q_lens, tables = random_batch(rng, 16, 6, 64)
-    meta = build_metadata(starts, q_lens, tables, 16)
+    meta = cpu_metadata(starts, q_lens, tables, 16)
     k_cache = torch.randn(64, 16, 2, 32).to(torch.bfloat16)
     v_cache = torch.randn(64, 16, 2, 32).to(torch.bfloat16)
-    q = torch.randn(meta.num_tokens, 4, 32)
+    q = torch.randn(meta.step.num_tokens, 4, 32)
     out = cpu_paged.paged_attention(q, k_cache, v_cache, meta, 0.2)
     torch.testing.assert_close(out, paged_attention(q, k_cache, v_cache, meta, 0.2))
 
@@ -184,22 +189,16 @@ def test_cpu_kernels_benchmark_smoke(tmp_path):
 
 
 def test_auto_falls_back_to_the_reference_when_the_build_fails(monkeypatch, caplog):
-    from torch import nn
-
-    from backends.torch_runner import install_attention_kernel
+    from backends.torch_runner import attention_backend
     from server.config import EngineConfig
-
-    class Layer(nn.Module):
-        paged_attention_fn = None
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else "auto" on CPU picks Triton's interpreter
     monkeypatch.setattr(cpu_paged, "_loaded", False)
     monkeypatch.setattr(cpu_paged, "missing_build_tools", lambda: "a C++ compiler (c++ on PATH, or $CXX)")
-    model = nn.Sequential(Layer())
-    assert install_attention_kernel(model, EngineConfig(attention_kernel="auto")) == "reference"
+    assert attention_backend(EngineConfig(attention_kernel="auto")).name == "reference"
     assert "auto falls back to the reference kernel" in caplog.text
     with pytest.raises(AttentionKernelError, match="could not be set up"):
-        install_attention_kernel(model, EngineConfig(attention_kernel="cpu"))
+        attention_backend(EngineConfig(attention_kernel="cpu"))
 
 
 def test_build_directory_names_the_torch_version_and_this_cpu():
@@ -213,5 +212,5 @@ def test_the_build_goes_under_the_engines_cache_dir(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_paged, "_loaded", False)
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kw: calls.append(kw["build_directory"]))
-    get_attention_kernel("cpu", "cpu", cache_dir=str(tmp_path))
+    get_attention_backend("cpu", "cpu", cache_dir=str(tmp_path))
     assert calls and calls[0].startswith(str(tmp_path / "kernels" / "cpu_paged_torch"))

@@ -4,8 +4,8 @@ keys and values expanded by kv_b_proj (the textbook formulation), on a mixed dec
 import pytest
 import torch
 
-from glm_kernels.mla_reference import dsa_select, mla_paged_attention, write_rows
-from glm_kernels.reference import build_metadata
+from glm_kernels.metadata import build_metadata, write_rows
+from glm_kernels.mla_reference import dsa_topk, mla_paged_attention
 
 HEADS, NOPE, ROPE, V, RANK = 4, 12, 8, 10, 16
 INDEX_HEADS, INDEX_DIM = 8, 8
@@ -34,8 +34,8 @@ def _batch(seed: int = 0):
             key_cache[table[pos // BLOCK], pos % BLOCK] = k[pos]
     meta = build_metadata(STARTS, QUERY_LENS, tables, BLOCK)
     new = lambda xs: torch.cat([x[s : s + q] for x, s, q in zip(xs, STARTS, QUERY_LENS, strict=True)])  # noqa: E731
-    write_rows(cache, new(rows), meta)
-    write_rows(key_cache, new(index_keys), meta)
+    write_rows(cache, new(rows), meta.step.slot_mapping)
+    write_rows(key_cache, new(index_keys), meta.step.slot_mapping)
     t = sum(QUERY_LENS)
     queries = {
         "nope": torch.randn(t, HEADS, NOPE, generator=g),
@@ -70,10 +70,10 @@ def _dense(rows, index_keys, queries, w_kv, scale, topk):
     return torch.stack(outs), kept
 
 
-def _mla(meta, cache, queries, w_kv, scale, selection=None):
+def _mla(meta, cache, queries, w_kv, scale, topk_indices=None):
     w_uk, w_uv = w_kv.split([NOPE, V], dim=1)
     q_latent = torch.einsum("thd,hdr->thr", queries["nope"], w_uk)
-    o_latent = mla_paged_attention(q_latent, queries["pe"], cache, meta, scale, selection)
+    o_latent = mla_paged_attention(q_latent, queries["pe"], cache, meta, scale, topk_indices)
     return torch.einsum("thr,hvr->thv", o_latent, w_uv)
 
 
@@ -89,19 +89,17 @@ def test_sparse_mla_attends_to_each_querys_topk_keys(topk):
     meta, cache, key_cache, rows, keys, queries, w_kv = _batch(seed=topk)
     scale = (NOPE + ROPE) ** -0.5
     expected, kept = _dense(rows, keys, queries, w_kv, scale, topk=topk)
-    selection = dsa_select(queries["index_q"], queries["index_w"], key_cache, meta, topk, INDEX_DIM**-0.5)
-    counts = torch.zeros(meta.num_tokens, dtype=torch.long)
-    for group, mask in zip(meta.groups, selection, strict=True):
-        counts[group.flat_out_index] = mask[:, 0].sum(-1)[group.valid]
-    assert counts.tolist() == kept  # min(topk, visible keys) per query
+    indices = dsa_topk(queries["index_q"], queries["index_w"], key_cache, meta, topk, INDEX_DIM**-0.5)
+    assert indices.shape == (meta.step.num_tokens, topk) and indices.dtype == torch.int32
+    assert (indices >= 0).sum(-1).tolist() == kept  # min(topk, visible keys) per query, -1 for the rest
     assert max(kept) == topk  # the longer contexts really are cut down
-    got = _mla(meta, cache, queries, w_kv, scale, selection)
+    got = _mla(meta, cache, queries, w_kv, scale, indices)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_topk_at_least_the_context_is_dense():
     meta, cache, key_cache, _, _, queries, w_kv = _batch(seed=7)
     scale = (NOPE + ROPE) ** -0.5
-    selection = dsa_select(queries["index_q"], queries["index_w"], key_cache, meta, 64, INDEX_DIM**-0.5)
+    indices = dsa_topk(queries["index_q"], queries["index_w"], key_cache, meta, 64, INDEX_DIM**-0.5)
     dense = _mla(meta, cache, queries, w_kv, scale)
-    torch.testing.assert_close(_mla(meta, cache, queries, w_kv, scale, selection), dense)
+    torch.testing.assert_close(_mla(meta, cache, queries, w_kv, scale, indices), dense)

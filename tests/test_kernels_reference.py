@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from glm_kernels.reference import build_metadata, naive_attention, paged_attention, write_kv
+from glm_kernels.metadata import build_metadata, write_rows
+from glm_kernels.reference import naive_attention, paged_attention
 
 
 def _random_case(seed: int, block_size: int, heads: int, kv_heads: int, dim: int, n_req: int):
@@ -36,7 +37,8 @@ def test_paged_attention_matches_dense(seed, block_size, heads, kv_heads, dim):
     k_new = torch.randn(total, kv_heads, dim)
     v_new = torch.randn(total, kv_heads, dim)
     meta = build_metadata(starts, q_lens, tables, block_size)
-    write_kv(k_cache, v_cache, k_new, v_new, meta)
+    write_rows(k_cache, k_new, meta.step.slot_mapping)
+    write_rows(v_cache, v_new, meta.step.slot_mapping)
     out = paged_attention(q, k_cache, v_cache, meta, scale=dim**-0.5)
 
     offset = 0
@@ -59,7 +61,8 @@ def test_prefix_ending_mid_block_and_decode_only():
     q = torch.randn(3, heads, dim)
     meta = build_metadata(starts, q_lens, tables, block_size)
     assert len(meta.groups) == 1 and meta.groups[0].mask is None  # decode-only: no query padding
-    write_kv(k_cache, v_cache, torch.randn(3, heads, dim), torch.randn(3, heads, dim), meta)
+    write_rows(k_cache, torch.randn(3, heads, dim), meta.step.slot_mapping)
+    write_rows(v_cache, torch.randn(3, heads, dim), meta.step.slot_mapping)
     out = paged_attention(q, k_cache, v_cache, meta, scale=0.3)
     for i, (start, table) in enumerate(zip(starts, tables, strict=True)):
         keys = k_cache[table].reshape(-1, heads, dim)[: start + 1]

@@ -28,10 +28,10 @@ if not HAS_CUDA and not isinstance(triton.language.standard.cdiv, InterpretedFun
     )
 
 from glm_kernels import triton_mla, triton_paged  # noqa: E402
-from glm_kernels.dsa_topk import selection_to_topk  # noqa: E402
-from glm_kernels.mla_reference import dsa_select, write_rows  # noqa: E402
+from glm_kernels.metadata import build_metadata, build_step_metadata, write_rows  # noqa: E402
+from glm_kernels.mla_reference import dsa_topk  # noqa: E402
 from glm_kernels.mla_reference import mla_paged_attention as mla_reference  # noqa: E402
-from glm_kernels.reference import build_metadata, paged_attention, write_kv  # noqa: E402
+from glm_kernels.reference import paged_attention  # noqa: E402
 
 assert triton_paged.INTERPRETED == (not HAS_CUDA)
 
@@ -56,6 +56,15 @@ def random_batch(seed: int, block_size: int, n_req: int, num_blocks: int = 96, m
         starts.append(start)
         q_lens.append(q_len)
     return starts, q_lens, tables
+
+
+def triton_metadata(starts, q_lens, tables, block_size) -> triton_paged.TritonMetadata:
+    return triton_paged.build_triton_metadata(build_step_metadata(starts, q_lens, tables, block_size, DEVICE))
+
+
+def write_kv(k_cache, v_cache, k, v, meta) -> None:
+    write_rows(k_cache, k, meta.step.slot_mapping)
+    write_rows(v_cache, v, meta.step.slot_mapping)
 
 
 def check(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -89,7 +98,7 @@ def test_gqa_matches_reference(seed, block_size, heads, kv_heads, head_dim, v_di
     )
     expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, head_dim**-0.5)
 
-    dev_meta = build_metadata(starts, q_lens, tables, block_size, DEVICE)
+    dev_meta = triton_metadata(starts, q_lens, tables, block_size)
     out = triton_paged.paged_attention(
         q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), dev_meta, head_dim**-0.5
     )
@@ -104,7 +113,7 @@ def test_prefix_ending_mid_block_mixed_batch():
     k_cache = torch.randn(12, block_size, kv_heads, dim, device=DEVICE)
     v_cache = torch.randn(12, block_size, kv_heads, dim, device=DEVICE)
     q = torch.randn(sum(q_lens), heads, dim, device=DEVICE)
-    meta = build_metadata(starts, q_lens, tables, block_size, DEVICE)
+    meta = triton_metadata(starts, q_lens, tables, block_size)
     expected = paged_attention(q, k_cache, v_cache, meta, 0.3)
     check(triton_paged.paged_attention(q, k_cache, v_cache, meta, 0.3), expected, torch.float32)
 
@@ -118,9 +127,9 @@ def test_decode_splits_agree(num_splits, block_n):
     k_cache = torch.randn(9, block_size, kv_heads, dim, device=DEVICE)
     v_cache = torch.randn(9, block_size, kv_heads, dim, device=DEVICE)
     q = torch.randn(3, heads, dim, device=DEVICE)
-    meta = build_metadata(starts, q_lens, tables, block_size, DEVICE)
+    meta = triton_metadata(starts, q_lens, tables, block_size)
     out = torch.empty_like(q)
-    (view,) = triton_paged.group_views(meta)
+    (view,) = meta.views
     triton_paged.paged_decode(q, k_cache, v_cache, out, view, 0.2, num_splits=num_splits, block_n=block_n)
     check(out, paged_attention(q, k_cache, v_cache, meta, 0.2), torch.float32)
 
@@ -159,7 +168,7 @@ def mla_case(seed: int, dtype: torch.dtype, rank: int, rope: int, heads: int, bl
     total = sum(q_lens)
     cache = torch.randn(64, block_size, rank + rope).to(dtype)
     meta = build_metadata(starts, q_lens, tables, block_size)
-    write_rows(cache, torch.randn(total, rank + rope), meta)
+    write_rows(cache, torch.randn(total, rank + rope), meta.step.slot_mapping)
     q_nope = torch.randn(total, heads, rank).to(dtype)
     q_pe = torch.randn(total, heads, rope).to(dtype)
     return starts, q_lens, tables, meta, cache, q_nope, q_pe
@@ -176,7 +185,7 @@ def mla_case(seed: int, dtype: torch.dtype, rank: int, rope: int, heads: int, bl
 def test_mla_dense_matches_references(seed, dtype, rank, rope, heads, block_size):
     starts, q_lens, tables, meta, cache, q_nope, q_pe = mla_case(seed, dtype, rank, rope, heads, block_size)
     scale = 0.7 * (rank + rope) ** -0.5
-    dev_meta = build_metadata(starts, q_lens, tables, block_size, DEVICE)
+    dev_meta = triton_metadata(starts, q_lens, tables, block_size)
     out = triton_mla.mla_paged_attention(
         q_nope.to(DEVICE), q_pe.to(DEVICE), cache.to(DEVICE), dev_meta, scale
     )
@@ -192,25 +201,25 @@ def test_mla_sparse_topk_matches_references(seed, dtype, num_splits):
     starts, q_lens, tables, meta, cache, q_nope, q_pe = mla_case(seed, dtype, rank, rope, heads, block_size)
     total, scale = sum(q_lens), (rank + rope) ** -0.5
     indexer_keys = torch.randn(64, block_size, 8)
-    selection = dsa_select(torch.randn(total, 2, 8), torch.randn(total, 2), indexer_keys, meta, k, 0.5)
-    topk = selection_to_topk(selection, meta, k + 3)
+    selected = dsa_topk(torch.randn(total, 2, 8), torch.randn(total, 2), indexer_keys, meta, k, 0.5)
+    topk = torch.cat([selected, torch.full((total, 3), -1, dtype=torch.int32)], dim=1)
     topk[:, -1] = 10_000  # beyond every query's position: never visible
     topk = topk[:, torch.randperm(k + 3)]  # padding and real entries interleaved
 
     out = torch.empty(total, heads, rank, dtype=dtype, device=DEVICE)
-    dev_meta = build_metadata(starts, q_lens, tables, block_size, DEVICE)
+    dev_meta = triton_metadata(starts, q_lens, tables, block_size)
     args = (q_nope.to(DEVICE), q_pe.to(DEVICE), cache.to(DEVICE), out)
-    for view in triton_paged.group_views(dev_meta):
+    for view in dev_meta.views:
         triton_mla.mla_group(*args, view, scale, topk.to(DEVICE), num_splits=num_splits, block_n=16)
     check(out, naive_mla(q_nope, q_pe, cache, starts, q_lens, tables, scale, topk), dtype)
-    check(out, mla_reference(q_nope.float(), q_pe.float(), cache.float(), meta, scale, selection), dtype)
+    check(out, mla_reference(q_nope.float(), q_pe.float(), cache.float(), meta, scale, selected), dtype)
     dense = mla_reference(q_nope.float(), q_pe.float(), cache.float(), meta, scale)
     assert not torch.allclose(out.float().cpu(), dense, atol=1e-2)  # the selection did restrict attention
 
 
 def test_mla_token_seeing_nothing_gets_zeros():
     rank, rope, block_size = 16, 16, 16
-    meta = build_metadata([5, 0], [1, 1], [[2], [3]], block_size, DEVICE)
+    meta = triton_metadata([5, 0], [1, 1], [[2], [3]], block_size)
     cache = torch.randn(4, block_size, rank + rope, device=DEVICE)
     q_nope, q_pe = torch.randn(2, 2, rank, device=DEVICE), torch.randn(2, 2, rope, device=DEVICE)
     topk = torch.tensor([[-1, -1], [0, -1]], dtype=torch.int32, device=DEVICE)

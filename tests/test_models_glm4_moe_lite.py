@@ -5,6 +5,8 @@ import torch
 
 from backends.models.glm4_moe_lite import Glm4MoeLiteForCausalLM
 from backends.models.tiny import write_random_model
+from glm_kernels.backend import kv_bytes_per_token
+from glm_kernels.reference import ReferenceBackend
 from tests.engine_helpers import check_parity, random_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -61,6 +63,7 @@ def test_glm4_moe_lite_without_q_lora_and_with_preemption(tmp_path, glm_tokenize
 def test_kv_cache_holds_the_latent():
     config = tiny_config(768)
     model = Glm4MoeLiteForCausalLM(config)
-    assert model.kv_bytes_per_token(torch.bfloat16) == 3 * (32 + 16) * 2
-    [cache, *_] = model.allocate_kv_cache(4, 16, torch.float32, "cpu")
-    assert cache.shape == (4, 16, 48)
+    specs = model.kv_cache_specs()
+    assert kv_bytes_per_token(specs, torch.bfloat16) == 3 * (32 + 16) * 2
+    [cache, *_] = ReferenceBackend().allocate(specs, 4, 16, torch.float32, "cpu")
+    assert cache.rows.shape == (4, 16, 48) and cache.index_keys is None

@@ -87,7 +87,7 @@ def test_chat_template_renders_like_glm5(tokenizer):
 
 
 def test_serves_a_chat_end_to_end(tiny_dir, caplog):
-    caplog.set_level(logging.INFO, logger="backends.models.moe")
+    caplog.set_level(logging.INFO, logger="backends.models.glm")
     with one_torch_thread():
         engine = start_engine(tiny_dir, num_kv_blocks=32)
     assert any("MTP" in r.getMessage() for r in caplog.records)  # the MTP layer was skipped, not an error

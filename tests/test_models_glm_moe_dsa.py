@@ -6,6 +6,8 @@ import torch
 
 from backends.models.glm_moe_dsa import GlmMoeDsaForCausalLM
 from backends.models.tiny import write_tiny_glm5
+from glm_kernels.backend import kv_bytes_per_token
+from glm_kernels.reference import ReferenceBackend
 from server.scheduler.request import SamplingParams
 from tests.engine_helpers import (
     check_parity,
@@ -55,12 +57,13 @@ def test_kv_cache_layout_of_glm5():
     shrunk.update(n_routed_experts=2, num_experts_per_tok=1, max_position_embeddings=16)
     indexer_types = ["full", "full", "shared", "shared"] * 19 + ["full", "full"]
     model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(indexer_types=indexer_types, **shrunk))
+    specs = model.kv_cache_specs()
     assert 78 * (512 + 64) * 2 == 89_856
-    assert model.kv_bytes_per_token(torch.bfloat16) == 89_856 + 40 * 128 * 2
-    caches = model.allocate_kv_cache(2, 4, torch.bfloat16, "cpu")
+    assert kv_bytes_per_token(specs, torch.bfloat16) == 89_856 + 40 * 128 * 2
+    caches = ReferenceBackend().allocate(specs, 2, 4, torch.bfloat16, "cpu")
     assert len(caches) == 78
-    assert caches[0][0].shape == (2, 4, 576) and caches[0][1].shape == (2, 4, 128)
-    assert caches[2][1] is None  # shared layers keep no indexer keys
+    assert caches[0].rows.shape == (2, 4, 576) and caches[0].index_keys.shape == (2, 4, 128)
+    assert caches[2].index_keys is None  # shared layers keep no indexer keys
 
 
 def test_runs_in_bfloat16_with_fp32_routing(tiny_glm5):
@@ -71,7 +74,7 @@ def test_runs_in_bfloat16_with_fp32_routing(tiny_glm5):
     assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
     assert model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
     caches = engine.runner.kv_caches
-    assert caches[0][0].dtype == caches[0][1].dtype == torch.bfloat16
+    assert caches[0].rows.dtype == caches[0].index_keys.dtype == torch.bfloat16
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 3
     results = run_requests(engine, random_prompts(3, 700, seed=6), params)
     assert [len(r["tokens"]) for r in results] == [8, 8, 8]

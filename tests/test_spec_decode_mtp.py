@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from backends.loader import iter_safetensors
 from backends.models.tiny import tiny_glm5_config, with_mtp_layers, write_random_model
-from glm_kernels.reference import build_metadata
+from glm_kernels.backend import AttentionContext
+from glm_kernels.metadata import build_step_metadata
+from glm_kernels.reference import ReferenceBackend
 from server.scheduler.request import SamplingParams
 from tests.engine_helpers import random_prompts, run_requests, start_engine
 from tests.test_models_glm4_moe import tiny_config as glm45_config
@@ -74,11 +76,11 @@ def our_mtp(model_dir, next_ids, hidden):
     model.add_mtp_layer()
     model.load_weights(iter_safetensors(model_dir))
     model = model.float().eval()
-    mtp_cache = model.allocate_kv_cache(4, 16, torch.float32, torch.device("cpu"))[-1]
-    meta = build_metadata([0], [len(next_ids)], [[0, 1, 2, 3]], 16, torch.device("cpu"))
-    out = model.mtp.predict(
-        model.embed_tokens(next_ids), hidden, torch.arange(len(next_ids)), mtp_cache, meta
-    )
+    backend = ReferenceBackend()
+    mtp_cache = backend.allocate(model.kv_cache_specs(), 4, 16, torch.float32, torch.device("cpu"))[-1]
+    step = build_step_metadata([0], [len(next_ids)], [[0, 1, 2, 3]], 16, torch.device("cpu"))
+    attn = AttentionContext.for_step(backend, step)
+    out = model.mtp.predict(model.embed_tokens(next_ids), hidden, attn.positions, mtp_cache, attn)
     return model.compute_logits(out)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import glob
 import importlib
 import importlib.metadata
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
+
+from glm_kernels.registry import module_present
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -41,16 +41,6 @@ class AcceleratorSpec:
     @property
     def memory_gb(self) -> float:
         return self.memory_bytes / 1e9
-
-
-def module_present(name: str) -> bool:
-    """Whether `name` could be imported, without importing it (a module already in sys.modules counts)."""
-    if name in sys.modules:
-        return sys.modules[name] is not None
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def package_version(dist: str) -> str | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.parallel import OTHER_RANK, ColumnParallelLinear, RowParallelLinear, Slot, current, read
+from glm_kernels.backend import GqaSpec, LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +180,12 @@ def copy_slot(params: dict[str, nn.Parameter], slot: Slot, tensor: Any, name: st
 
 
 class GqaKvCache:
-    """The paged KV cache of a GQA model: per layer a (K, V) pair of [num_blocks, block_size, kv_heads,
-    head_dim] tensors for this rank's KV heads. The model sets num_kv_heads, head_dim and layers."""
+    """What a GQA model's KV cache holds per layer: this rank's KV heads (the attention backend allocates it,
+    in its layout). The model sets num_kv_heads, head_dim and num_kv_layers."""
 
-    layers: nn.ModuleList
     num_kv_heads: int
     head_dim: int
-
     num_kv_layers: int  # the model's layers with a KV cache
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_kv_layers * self.num_kv_heads * self.head_dim * elem
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(self.num_kv_layers)
-        ]
+    def kv_cache_specs(self) -> list[LayerSpec]:
+        return [GqaSpec(self.num_kv_heads, self.head_dim, self.head_dim)] * self.num_kv_layers

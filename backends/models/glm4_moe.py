@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from backends.models.common import GqaKvCache, RMSNorm, RotaryEmbedding, fused_qkv_slot, rope_parameters
-from backends.models.moe import GlmCausalLM, StepState
+from backends.models.glm import GlmCausalLM
+from backends.models.moe import StepState
 from backends.parallel import ColumnParallelLinear, RowParallelLinear, Slot, attention_heads, current
-from glm_kernels.reference import AttentionMetadata, paged_attention, write_kv
+from glm_kernels.backend import AttentionContext, GqaCache
 
 
 class Glm4MoeAttention(nn.Module):
@@ -35,18 +36,17 @@ class Glm4MoeAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rope = rope
         self.scale = self.head_dim**-0.5
-        self.paged_attention_fn = paged_attention  # the runner installs the profile's kernel
 
-    def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
+    def forward(
+        self, x, positions, kv_cache: GqaCache, attn: AttentionContext, step: StepState
+    ) -> torch.Tensor:
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q), self.rope(positions, k)
-        k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)
-        out = self.paged_attention_fn(q, k_cache, v_cache, meta, self.scale)
+        out = attn.gqa(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def checkpoint_slot(self, rest: str) -> Slot | None:

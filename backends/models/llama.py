@@ -24,7 +24,7 @@ from backends.parallel import (
     attention_heads,
     current,
 )
-from glm_kernels.reference import AttentionMetadata, paged_attention, write_kv
+from glm_kernels.backend import AttentionContext, GqaCache
 
 
 class LlamaAttention(nn.Module):
@@ -46,16 +46,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(q0 * d, self.q_size, config.hidden_size, bias=bias)
         self.rope = rope
         self.scale = self.head_dim**-0.5
-        self.paged_attention_fn = paged_attention  # the runner installs the profile's kernel
 
-    def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, positions, kv_cache: GqaCache, attn: AttentionContext):
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.rope(positions, q.view(-1, self.num_heads, self.head_dim))
         k = self.rope(positions, k.view(-1, self.num_kv_heads, self.head_dim))
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta)
-        out = self.paged_attention_fn(q, k_cache, v_cache, meta, self.scale)
+        out = attn.gqa(q, k, v, kv_cache, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def checkpoint_slot(self, rest: str) -> Slot | None:
@@ -70,8 +67,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x, positions, kv_cache: GqaCache, attn: AttentionContext):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,10 +87,10 @@ class LlamaForCausalLM(GqaKvCache, nn.Module):
         self.head_dim = head_dim
         self.num_kv_layers = len(self.layers)
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, attn: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv, meta)
+            x = layer(x, positions, kv, attn)
         return self.norm(x)
 
     def logits_layer(self) -> VocabParallelEmbedding:

@@ -3,7 +3,8 @@
 Queries come from a low-rank path (q_a_proj -> RMSNorm -> q_b_proj) or one q_proj; keys and values from a
 shared latent c = RMSNorm(kv_a) of kv_lora_rank dims plus one roped key k_pe of qk_rope_head_dim dims
 shared by all heads. The cache stores [c | k_pe] per token; kv_b_proj's key and value halves are absorbed
-into the query and the output (glm_kernels/mla_reference.py).
+into the query and the output (glm_kernels/mla_reference.py); the attention backend writes the latent rows
+and attends over them.
 
 Tensor parallelism splits the attention heads (q_proj / q_b_proj and kv_b_proj by output rows, o_proj by
 input columns). The latent is per token, not per head: every rank computes it (kv_a_proj and q_a_proj are
@@ -18,11 +19,10 @@ import torch
 from torch import nn
 
 from backends.models.common import RMSNorm, RotaryEmbedding, rope_parameters
-from backends.models.moe import GlmCausalLM, StepState
+from backends.models.glm import GlmCausalLM
+from backends.models.moe import StepState
 from backends.parallel import ColumnParallelLinear, Linear, RowParallelLinear, current
-from glm_kernels.dsa_topk import selection_to_topk
-from glm_kernels.mla_reference import mla_paged_attention, write_rows
-from glm_kernels.reference import AttentionMetadata
+from glm_kernels.backend import AttentionContext, LayerSpec, MlaCache, MlaSpec
 
 
 class MlaRope(nn.Module):
@@ -83,15 +83,13 @@ class MlaAttention(nn.Module):
         self.o_proj = RowParallelLinear(first * self.v_dim, self.num_heads * self.v_dim, hidden, bias=bias)
         self.rope = rope
         self.scale = softmax_scale(config)
-        self.mla_attention_fn = (
-            None  # None: glm_kernels/mla_reference.py; else the runner installs a registry kernel
-        )
 
-    def forward(self, x, positions, kv_cache, meta: AttentionMetadata, step: StepState) -> torch.Tensor:
+    def forward(
+        self, x, positions, kv_cache: MlaCache, attn: AttentionContext, step: StepState
+    ) -> torch.Tensor:
         q_resid = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
         q_nope, q_pe = self.queries(x, q_resid, positions)
-        cache = self.write_latent(x, positions, kv_cache, meta)
-        return self.attend(q_nope, q_pe, cache, meta, None)
+        return self.attend(q_nope, q_pe, *self.latent(x, positions), kv_cache, attn, None)
 
     def queries(self, x, q_resid, positions) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q_b_proj(q_resid) if q_resid is not None else self.q_proj(x)
@@ -100,41 +98,30 @@ class MlaAttention(nn.Module):
         )
         return q_nope, self.rope(positions, q_pe)
 
-    def write_latent(self, x, positions, cache: torch.Tensor, meta) -> torch.Tensor:
+    def latent(self, x, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens' cache rows: the normalized latent [T, rank] and the roped shared key [T, rope]."""
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        k_pe = self.rope(positions, k_pe[:, None, :])[:, 0]
-        write_rows(cache, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), meta)
-        return cache
+        return self.kv_a_layernorm(latent), self.rope(positions, k_pe[:, None, :])[:, 0]
 
-    def attend(self, q_nope, q_pe, cache, meta, selection: list[torch.Tensor] | None) -> torch.Tensor:
+    def attend(self, q_nope, q_pe, c_kv, k_pe, cache: MlaCache, attn: AttentionContext, topk_indices):
+        """Write the new rows, attend (DSA: over topk_indices [T, k] only) and project out: [T, hidden]."""
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
         q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
-        if self.mla_attention_fn is None:
-            o_latent = mla_paged_attention(q_latent, q_pe, cache, meta, self.scale, selection)
-        else:  # a registry kernel (glm_kernels/registry.py) takes the selection as top-k index lists
-            topk = None
-            if selection is not None:
-                k = max(1, max(int(mask.sum(-1).max()) for mask in selection))
-                topk = selection_to_topk(selection, meta, k)
-            o_latent = self.mla_attention_fn(q_latent, q_pe, cache, meta, self.scale, topk)
+        o_latent = attn.mla(q_latent, q_pe, c_kv, k_pe, cache, self.scale, topk_indices)
         out = torch.einsum("thr,hvr->thv", o_latent, w_uv)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
 
 
 class MlaCausalLM(GlmCausalLM):
-    """A GLM MoE model whose layers use MLA: one latent cache tensor per layer."""
+    """A GLM MoE model whose layers use MLA: one latent cache per layer."""
 
     def __init__(self, config, make_attention: Callable[[int], nn.Module] | None = None):
         if make_attention is None:
             rope = MlaRope(config, config.qk_rope_head_dim)
             make_attention = lambda _layer: MlaAttention(config, rope)  # noqa: E731
         super().__init__(config, make_attention)
-        self.latent_dim = config.kv_lora_rank + config.qk_rope_head_dim
+        self.latent_spec = MlaSpec(config.kv_lora_rank, config.qk_rope_head_dim)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.num_kv_layers * self.latent_dim * torch.empty((), dtype=dtype).element_size()
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> list:
-        shape = (num_blocks, block_size, self.latent_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_kv_layers)]
+    def kv_cache_specs(self) -> list[LayerSpec]:
+        return [self.latent_spec] * self.num_kv_layers

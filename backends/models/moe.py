@@ -1,6 +1,6 @@
-"""What the GLM MoE models share: the sigmoid router with grouped top-k, the routed and shared experts, the
-decoder layer (dense MLP for the first layers, MoE after), and the causal-LM skeleton. Each model file
-supplies only its attention and KV-cache layout.
+"""What the GLM MoE models' layers share: the sigmoid router with grouped top-k, the routed and shared experts,
+and the decoder layer (dense MLP for the first layers, MoE after); the causal-LM skeleton is glm.py's. Each
+model file supplies only its attention and what its KV cache holds.
 
 Module names follow the Hugging Face checkpoints, so most tensors load by name. Fused parameters (gate+up of
 a SwiGLU, q/k/v, per-expert tensors stacked into [experts, ...]) are filled by the module's
@@ -13,28 +13,25 @@ sums, which one all_reduce per MoE block adds up."""
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.models.common import RMSNorm, SwiGLU, load_checkpoint
-from backends.parallel import OTHER_RANK, Narrow, ParallelLMHead, Slot, VocabParallelEmbedding, current
+from backends.models.common import RMSNorm, SwiGLU
+from backends.parallel import OTHER_RANK, Narrow, Slot, current
+from glm_kernels.backend import AttentionContext
 
-__all__ = ["GlmCausalLM", "GluMLP", "Slot", "StepState"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DecoderLayer", "GluMLP", "Slot", "StepState"]
 
 
 @dataclass(slots=True)
 class StepState:
     """State handed from layer to layer within one forward pass (DSA: the last full layer's key selection)."""
 
-    selection: list[torch.Tensor] | None = field(default=None)
+    topk_indices: torch.Tensor | None = field(default=None)  # [T, index_topk] key positions, -1 = padding
 
 
 GluMLP = SwiGLU  # the checkpoint stores gate_proj, up_proj and down_proj separately
@@ -176,62 +173,6 @@ class DecoderLayer(nn.Module):
         moe = is_moe_layer(config, layer)
         self.mlp = SparseMoE(config) if moe else GluMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, kv_cache, meta, step: StepState) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, step)
+    def forward(self, x, positions, kv_cache, attn: AttentionContext, step: StepState) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, attn, step)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class GlmCausalLM(nn.Module):
-    """Embedding, decoder layers, final norm and LM head. Subclasses build each layer's attention and own
-    the KV-cache layout (kv_bytes_per_token, allocate_kv_cache).
-
-    Multi-token-prediction (MTP) layers, which GLM checkpoints store as layers num_hidden_layers.., are
-    skipped at load unless add_mtp_layer() made room for the first (speculative decoding with method mtp:
-    mtp.py); the KV-cache layouts then count one layer more."""
-
-    def __init__(self, config, make_attention: Callable[[int], nn.Module]):
-        super().__init__()
-        self.config = config
-        self.num_layers = config.num_hidden_layers
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, make_attention(i)) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie else ParallelLMHead(config.vocab_size, config.hidden_size)
-        self.make_attention = make_attention
-        self.mtp = None  # MtpLayer, with add_mtp_layer()
-
-    def add_mtp_layer(self) -> None:
-        """Build the checkpoint's MTP layer (before load_weights) for speculative decoding."""
-        from backends.models.mtp import MtpLayer
-
-        if not getattr(self.config, "num_nextn_predict_layers", 0):
-            raise ValueError("the model has no MTP layer (num_nextn_predict_layers is 0): use method ngram")
-        self.mtp = MtpLayer(self.config, self.num_layers, self.make_attention(self.num_layers))
-
-    @property
-    def num_kv_layers(self) -> int:
-        """Layers with a KV cache: the decoder layers, and the MTP layer when built (the last one)."""
-        return len(self.layers) + (self.mtp is not None)
-
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        step = StepState()
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv, meta, step)
-        return self.norm(x)
-
-    def logits_layer(self) -> VocabParallelEmbedding:
-        """The vocabulary rows logits are computed with: the embedding when tied, else lm_head."""
-        return self.embed_tokens if self.tie else self.lm_head
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
-        return self.logits_layer().logits(hidden)
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skipped_mtp = load_checkpoint(self, named_tensors, self.num_layers, self.tie, self.mtp is not None)
-        if skipped_mtp:
-            log.info("skipped %d tensors of the MTP layer(s) (no speculative decoding)", skipped_mtp)

@@ -15,6 +15,7 @@ import torch
 from backends.models.common import RMSNorm
 from backends.models.moe import DecoderLayer, StepState
 from backends.parallel import Linear
+from glm_kernels.backend import AttentionContext
 
 
 class MtpLayer(DecoderLayer):
@@ -29,9 +30,9 @@ class MtpLayer(DecoderLayer):
         self.shared_head = torch.nn.Module()
         self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
 
-    def predict(self, embeds, hidden, positions, kv_cache, meta) -> torch.Tensor:
+    def predict(self, embeds, hidden, positions, kv_cache, attn: AttentionContext) -> torch.Tensor:
         """The normalized hidden state at each position (logits over it: the token two positions on)."""
         embeds = torch.where(positions[:, None] == 0, torch.zeros_like(embeds), embeds)
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
-        x = super().forward(x, positions, kv_cache, meta, StepState())
+        x = super().forward(x, positions, kv_cache, attn, StepState())
         return self.shared_head.norm(x)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from glm_kernels.reference import build_metadata
 from server.scheduler.request import Request
 
 
@@ -74,21 +73,18 @@ class MtpDrafter:
             reqs.append(req)
         if not reqs:
             return {}
-        hidden = self.forward(ids, target_hidden[torch.tensor(rows)], starts, reqs, lens)
+        hidden = self.forward(
+            ids, target_hidden[torch.tensor(rows, device=target_hidden.device)], starts, reqs, lens
+        )
         ends = torch.tensor(lens).cumsum(0) - 1
         return {r.request_id: hidden[int(end)] for r, end in zip(reqs, ends, strict=True)}
 
     def forward(self, ids, hidden, starts, reqs, lens) -> torch.Tensor:
         runner = self.runner
         model = runner.model
-        tables = [self.tables[r.request_id] for r in reqs]
-        meta = build_metadata(starts, lens, tables, runner.config.block_size, runner.device)
-        positions = torch.tensor(
-            [p for start, n in zip(starts, lens, strict=True) for p in range(start, start + n)],
-            device=runner.device,
-        )
+        attn = runner.attention_context(starts, lens, [self.tables[r.request_id] for r in reqs])
         embeds = model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=runner.device))
-        return model.mtp.predict(embeds, hidden, positions, runner.mtp_kv_cache, meta)
+        return model.mtp.predict(embeds, hidden, attn.positions, runner.mtp_kv_cache, attn)
 
     def next_tokens(self, hidden: torch.Tensor) -> list[int]:
         logits = self.runner.model.compute_logits(hidden)

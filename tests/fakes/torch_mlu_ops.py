@@ -1,6 +1,7 @@
 """FAKE torch_mlu_ops for CPU tests - NOT Cambricon code. Plain-torch implementations of the documented
 semantics of the TMO attention ops glm_kernels/cambricon.py calls (as Cambricon/vllm-mlu vllm_mlu/_mlu_ops.py and
 vllm_mlu/attention/backends/flash_attn.py use them), argument constraints checked loudly:
+  reshape_paged_cache           the KV write into head-major paged caches (TMO's own reference loop)
   single_query_cached_kv_attn   decode over head-major paged caches [num_blocks, kv_heads, block_size, D]
   flash_attention               packed varlen prefill over the same paged caches (block_tables given)"""
 
@@ -24,6 +25,22 @@ def _check_lengths(cu: torch.Tensor, batch: int, name: str) -> None:
         f"{name}: int32 [B+1]",
     )
     require(bool((cu[1:] >= cu[:-1]).all()), f"{name} must be cumulative")
+
+
+def reshape_paged_cache(k, v, k_cache, v_cache, slot_mapping):
+    calls.append("reshape_paged_cache")
+    require(k.dim() == 3 and v.dim() == 3 and k.shape[:2] == v.shape[:2], "k/v [num_tokens, kv_heads, D]")
+    require(k_cache.dim() == 4 and k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == k.shape[2],
+            "k_cache [num_blocks, kv_heads, block_size, D]")  # fmt: skip
+    require(v_cache.shape[:3] == k_cache.shape[:3] and v_cache.shape[3] == v.shape[2], "v_cache like k_cache")
+    require(k.dtype == k_cache.dtype and v.dtype == v_cache.dtype, "k/v in the caches' dtype")
+    require(slot_mapping.dtype == torch.int32 and tuple(slot_mapping.shape) == (k.shape[0],),
+            "slot_mapping int32 [num_tokens]")  # fmt: skip
+    block_size = k_cache.shape[2]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            k_cache[slot // block_size, :, slot % block_size] = k[t]
+            v_cache[slot // block_size, :, slot % block_size] = v[t]
 
 
 def single_query_cached_kv_attn(

@@ -13,6 +13,7 @@ dependency, and the core process's death is seen through the process sentinel ne
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import queue
@@ -93,8 +94,10 @@ class ProcessCoreClient:
         self._send_lock = threading.Lock()
         self._closing = False
         self._receiver: threading.Thread | None = None
-        # An engine never shut down (a test that forgot) must not leave its core behind at exit.
+        # An engine never shut down (a test that forgot, a second Ctrl-C) must not leave its core behind, nor
+        # hang this process's exit: multiprocessing joins a non-daemon child at exit, so stop it first.
         self._finalizer = weakref.finalize(self, _stop_process, self.process, self._inputs)
+        atexit.register(self._finalizer)
 
     def load(self) -> Ready:
         """Wait for the core's Ready (its model is loaded); a core that fails or dies meanwhile raises."""

@@ -3,13 +3,21 @@ equal those without (all drafts right, some wrong, under preemption and prefix-c
 free afterwards, and aborts in the middle of speculative steps leave nothing behind."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from backends.spec_decode.config import SpeculativeConfig
 from server.engine_api import GenerateRequest
 from server.scheduler.request import Request, SamplingParams
-from tests.engine_helpers import make_tiny_llama, one_torch_thread, random_prompts, run_requests, start_engine
+from tests.engine_helpers import (
+    assert_kv_all_free,
+    make_tiny_llama,
+    one_torch_thread,
+    random_prompts,
+    run_requests,
+    start_engine,
+)
 
 K = 3
 
@@ -164,3 +172,27 @@ def test_seeded_sampling_with_drafts_reproduces(tiny_dir):
 def test_mtp_on_a_model_without_an_mtp_layer_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="llama has none: use method ngram"):
         start_engine(tiny_dir, num_kv_blocks=16, speculative_config={"method": "mtp"})
+
+
+def test_stop_string_inside_a_step_of_accepted_drafts_cuts_there(tiny_dir):
+    """All drafts right: each step hands the output processor several tokens, and a stop string that ends
+    in the middle of them ends the choice there, as without speculation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = workload()[0][:3]
+    greedy = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True) for _ in prompts]
+    with one_torch_thread():
+        plain = run_requests(start_engine(tiny_dir, num_kv_blocks=64), prompts, greedy)
+        stops = []
+        for p, r in zip(greedy, plain, strict=True):
+            head = len(tokenizer.decode(r["tokens"][:7]))  # the stop string starts with the 8th token's text
+            stops.append(dataclasses.replace(p, stop=[r["text"][head : head + 3]]))
+        expected = run_requests(start_engine(tiny_dir, num_kv_blocks=64), prompts, stops)
+        engine = start_engine(tiny_dir, num_kv_blocks=64)
+        with_drafter(engine, OracleDrafter(prompts, [r["tokens"] for r in plain]))
+        got = run_requests(engine, prompts, stops)
+    assert got == expected
+    assert all(r["finish_reason"] == "stop" and len(r["tokens"]) < 30 for r in got)
+    assert engine.core.scheduler.spec_stats.num_accepted_tokens > 0
+    assert_kv_all_free(engine)

@@ -31,6 +31,7 @@ class NativeEngine:
         self._served_name = served_model_name
         self.model_name = served_model_name or ""
         self.max_model_len = 0
+        self.vocab_size = 0
         self.tokenizer = None
         self.model_dir = None
         self.eos_token_ids: frozenset[int] = frozenset()
@@ -61,7 +62,9 @@ class NativeEngine:
         self.model_dir = Path(ready.model_dir)
         self.model_name = self._served_name or self.model_dir.name
         self.max_model_len = ready.max_model_len
+        self.vocab_size = ready.vocab_size
         self.eos_token_ids = frozenset(ready.eos_token_ids)
+        self._core_stats = ready.stats
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         # The front-end pool encodes in its threads while the event loop decodes: each its own copy.
         detok_tokenizer = AutoTokenizer.from_pretrained(self.model_dir)

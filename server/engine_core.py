@@ -83,7 +83,7 @@ class EngineCore:
         )
         vocab_size = self.runner.hf_config.vocab_size
         return Ready(
-            str(self.model_dir), self.max_model_len, vocab_size, sorted(self.eos_token_ids), num_blocks
+            str(self.model_dir), self.max_model_len, vocab_size, sorted(self.eos_token_ids), self.stats()
         )
 
     def _make_drafter(self):
@@ -110,6 +110,8 @@ class EngineCore:
         self._num_added[1] += len(message.prompt_token_ids)
         params = params_from_wire(message.params)
         refusal = self._refusal(params)
+        if self.scheduler.get_request(message.request_id) is not None:
+            refusal = f"request id {message.request_id!r} is already being served"
         if refusal is not None:
             return RequestOutput(message.request_id, [], finish_reason="refused", error=refusal)
         request = Request(

@@ -95,7 +95,7 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
-    num_kv_blocks: int
+    stats: CoreStats  # the idle core's load and counters (the KV cache's size among them)
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):

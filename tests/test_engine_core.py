@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -26,7 +29,7 @@ from server.engine_core_messages import (
 from server.output_processor import OutputProcessor
 from server.scheduler.request import SamplingParams
 from server.structured_output import StructuredOutput
-from tests.conftest import http_config, start_server, wait_until
+from tests.conftest import free_port, http_config, start_server, wait_until
 from tests.engine_helpers import assert_kv_all_free, make_tiny_llama, smollm_dir, start_engine
 
 
@@ -185,3 +188,64 @@ def test_core_that_fails_to_load_is_an_error_naming_its_cause(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CoreLoadError, match=r"^\w+: \S"):  # the core's own error type and message
         start_engine(tmp_path, core_process=True)
+
+
+def _serve_with(tmp_path, model_dir) -> tuple[list[str], dict[str, str], int]:
+    from tests.serve_process import REPO, TEST_PROFILE
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(TEST_PROFILE), "--port", str(port),
+           "--set", f"engine.model={model_dir}", "--set", "engine.num_kv_blocks=32"]  # fmt: skip
+    env = {**os.environ, "GLM_SERVE_STATE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    return cmd, env, port
+
+
+def test_ctrl_c_on_serve_stops_its_core_process(tmp_path, tiny_dir):
+    import psutil
+
+    from tests.serve_process import wait_healthy
+
+    cmd, env, port = _serve_with(tmp_path, tiny_dir)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log_path, timeout=300)
+        [core] = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log_path.read_text()
+        core.wait(20)  # raises psutil.TimeoutExpired if the core outlived its server
+    finally:
+        proc.kill()
+
+
+def test_serve_exits_nonzero_when_the_core_cannot_load(tmp_path, tiny_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    cmd, env, _ = _serve_with(tmp_path, broken)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "CoreLoadError" in done.stderr, done.stderr[-3000:]
+
+
+def test_tensor_parallel_workers_belong_to_the_core_process_and_stop_with_it(tiny_dir):
+    """TP=2 with the core in its own process: the core spawns the rank-1 worker, gives the same greedy
+    tokens as TP=1 in a thread, and takes the worker with it at shutdown."""
+    import psutil
+
+    from tests.engine_helpers import random_prompts, run_requests
+
+    prompts = random_prompts(3, 49152)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True) for _ in prompts]
+    tp1 = run_requests(start_engine(tiny_dir, num_kv_blocks=64, num_threads=1), prompts, params)
+    engine = start_engine(
+        tiny_dir, core_process=True, tensor_parallel_size=2, num_kv_blocks=64, num_threads=1
+    )
+    core = psutil.Process(engine._client.process.pid)
+    [worker] = [c for c in core.children() if "spawn_main" in " ".join(c.cmdline())]
+    tp2 = run_requests(engine, prompts, params)
+    assert [r["tokens"] for r in tp2] == [r["tokens"] for r in tp1]
+    assert not core.is_running()
+    worker.wait(20)  # raises psutil.TimeoutExpired if the worker outlived its core

@@ -195,7 +195,7 @@ def _serve_with(tmp_path, model_dir) -> tuple[list[str], dict[str, str], int]:
 
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(TEST_PROFILE), "--port", str(port),
-           "--set", f"engine.model={model_dir}", "--set", "engine.num_kv_blocks=32"]  # fmt: skip
+           "--set", f"engine.model={model_dir}", "--set", "engine.num_kv_blocks=32", "--set", "engine.attention_kernel=reference"]  # fmt: skip
     env = {**os.environ, "GLM_SERVE_STATE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
     return cmd, env, port
 
@@ -208,11 +208,11 @@ def test_ctrl_c_on_serve_stops_its_core_process(tmp_path, tiny_dir):
     cmd, env, port = _serve_with(tmp_path, tiny_dir)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", log_path, timeout=300)
         [core] = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
         assert proc.wait(60) == 0, log_path.read_text()
         core.wait(20)  # raises psutil.TimeoutExpired if the core outlived its server
     finally:

@@ -214,7 +214,8 @@ def run_core_loop(core: EngineCore, inbox: queue.Queue, send: Callable[[CoreOutp
     try:
         while True:
             refused, stop = _take_inputs(core, inbox, block=not core.scheduler.has_unfinished())
-            if stop:
+            if stop:  # the aborts that came with Shutdown are applied: the front end's last load is true
+                send(StepOutputs(refused, core.stats(), core.num_steps))
                 return
             outputs = refused + (core.step() if core.scheduler.has_unfinished() else [])
             send(StepOutputs(outputs, core.stats(), core.num_steps))

@@ -122,6 +122,11 @@ class NativeEngine:
             raise EngineError("engine is not running")
         if request.n < 1:
             raise EngineError("n must be at least 1")
+        bad_bias = [t for t in request.params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            raise EngineError(
+                f"logit_bias names token id {bad_bias[0]}, outside the vocabulary (0..{self.vocab_size - 1})."
+            )
         sink: asyncio.Queue = asyncio.Queue()
         self._processor.add(request, sink)
         self._stats["prompt_tokens_total"] += len(request.prompt_token_ids) * request.n

@@ -122,10 +122,7 @@ class EngineCore:
         return None
 
     def _refusal(self, params) -> str | None:
-        vocab = self.runner.hf_config.vocab_size
-        bad_bias = [t for t in params.logit_bias if not 0 <= t < vocab]
-        if bad_bias:
-            return f"logit_bias names token id {bad_bias[0]}, outside the vocabulary (0..{vocab - 1})."
+        """Why a request cannot be served at all (its logit_bias ids the front end checked already)."""
         if params.structured is not None:
             error = self.runner.compile_constraint(params.structured)
             if error is not None:

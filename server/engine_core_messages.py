@@ -35,8 +35,22 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
 CoreInput = AddRequest | AbortRequests | Shutdown
 
 
+# msgpack carries integers within int64 / uint64. Past int64, a count means what int64's largest does (more
+# than any context) and a stop token id what an id just inside does (no such token), so they are clamped.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _clamp(value: int) -> int:
+    return min(max(value, _INT64[0]), _INT64[1])
+
+
 def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as the channel carries it. logit_bias ids must be checked against the vocabulary
+    first (NativeEngine.generate): they are not clamped."""
     wire = {name: getattr(params, name) for name in SamplingParams.__slots__}
+    for name in ("max_tokens", "min_tokens", "top_k"):
+        wire[name] = _clamp(wire[name])
+    wire["stop_token_ids"] = [_clamp(t) for t in params.stop_token_ids]
     if params.structured is not None:
         s = params.structured
         wire["structured"] = [s.kind, s.value, s.starts_after]

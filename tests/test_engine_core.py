@@ -16,7 +16,7 @@ import time
 import pytest
 
 from server.app import create_app
-from server.engine_api import EngineDeadError, GenerateRequest
+from server.engine_api import EngineDeadError, EngineError, GenerateRequest
 from server.engine_core_messages import (
     AbortRequests,
     AddRequest,
@@ -55,6 +55,11 @@ def test_sampling_params_cross_the_channel_unchanged():
     assert isinstance(received, AddRequest) and received.prompt_token_ids == [1, 2, 3]
     assert params_from_wire(received.params) == params
     assert params_from_wire(params_to_wire(SamplingParams())) == SamplingParams()
+    huge = SamplingParams(max_tokens=10**30, top_k=10**30, stop_token_ids=[10**30, -(10**30)])
+    wide = decode_input(encode(AddRequest("r", [1], params_to_wire(huge), 0.0, "")))
+    assert params_from_wire(wide.params) == SamplingParams(
+        max_tokens=2**63 - 1, top_k=2**63 - 1, stop_token_ids=[2**63 - 1, -(2**63)]
+    )  # the same meaning: more than any context, no such token
 
 
 def test_stop_string_inside_one_steps_tokens_cuts_there_and_aborts_the_core_request(smol_tokenizer):
@@ -161,9 +166,12 @@ def test_abort_storm_frees_every_block_in_process_mode(tiny_dir):
             settled = lambda: engine.load().num_running == 0 and engine.load().kv_usage == 0  # noqa: E731
             assert await asyncio.to_thread(wait_until, settled, 20)
             assert_kv_all_free(engine)
-            after = GenerateRequest("after", [3, 4], SamplingParams(max_tokens=1))
+            after = GenerateRequest("after", [3, 4], SamplingParams(max_tokens=1, top_k=10**30))
             [result] = [d async for d in engine.generate(after)]
             assert result.finish_reason == "length"  # the core still serves
+            biased = GenerateRequest("bias", [3, 4], SamplingParams(logit_bias={10**30: 1.0}))
+            with pytest.raises(EngineError, match="outside the vocabulary"):
+                [d async for d in engine.generate(biased)]
         finally:
             await engine.shutdown()
 

@@ -34,6 +34,13 @@ from server.engine_api import GenerateRequest  # noqa: E402
 from server.scheduler.request import SamplingParams  # noqa: E402
 
 INSTRUCTION = "Fix any typos in the following text and return it otherwise unchanged, nothing else:\n\n"
+# --smoke's passages: fixed, so that the smoke test does not change with the docs the full run samples.
+SMOKE_PASSAGES = [
+    "The server reads its profile, loads the model, and then answers requests on port 8000. Each request "
+    "is queued, scheduled and streamed back to the client token by token until it is done.",
+    "Every morning the baker lights the oven, mixes the flour with water and salt, and shapes the dough "
+    "into loaves. By seven the bread is on the shelves and the first customers are at the door.",
+]
 
 
 def passages(tokenizer, count: int, token_range: tuple[int, int], seed: int) -> list[str]:
@@ -63,7 +70,10 @@ def make_prompts(model_dir: Path, args) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = passages(tokenizer, args.num_requests, tuple(args.passage_tokens), args.seed)
+    if args.smoke:
+        texts = SMOKE_PASSAGES[: args.num_requests]
+    else:
+        texts = passages(tokenizer, args.num_requests, tuple(args.passage_tokens), args.seed)
     return [
         list(
             tokenizer.apply_chat_template(
@@ -213,7 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.num_requests, args.concurrency, args.max_tokens = 2, [1, 2], 16
-        args.passage_tokens = (40, 120)
         args.random_concurrency, args.disable_by_batch_size = 4, 2
 
     import torch

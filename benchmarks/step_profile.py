@@ -21,7 +21,8 @@ parts from outside; means over the timed steps:
   forward   the model's forward and compute_logits
   sample    the rest of TorchModelRunner.execute: logits -> sampler -> token ids on the host
   update    Scheduler.update_from_output and drafting
-  output    the rest of NativeEngine.step: detokenize, build deltas, publish
+  output    the rest of EngineCore.step: the per-request output messages (detokenizing moved to the
+            HTTP process's output processor, not timed here)
 On a CPU every op runs synchronously, so host time is also the time of the work. On an accelerator the host
 runs ahead of the device, and a phase that waits for it (the sampler's transfer) carries the device's time.
 
@@ -61,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import backends.torch_runner as torch_runner  # noqa: E402
-import server.engine as engine_module  # noqa: E402
+import server.engine_core as engine_module  # noqa: E402
 from benchmarks.offline_throughput import cpu_model, git_commit  # noqa: E402
 from server.config import EngineConfig  # noqa: E402
 from server.engine import NativeEngine  # noqa: E402
@@ -178,7 +179,7 @@ class StepRecorder:
         self.timed: list[dict[str, float]] = []
         self.transfers: list[HostTransfers] = []
         self.last_out = None
-        runner, scheduler = engine.runner, engine.scheduler
+        runner, scheduler = engine.core.runner, engine.core.scheduler
         original_schedule = scheduler.schedule
 
         def schedule():
@@ -187,7 +188,7 @@ class StepRecorder:
 
         scheduler.schedule = schedule
         self.timer.wrap(scheduler, "schedule", "schedule")
-        self.timer.wrap(engine, "_mark_scheduled", "schedule")
+        self.timer.wrap(engine.core, "_mark_scheduled", "schedule")
         self.timer.wrap(torch_runner, "step_inputs", "prepare")
         self.timer.wrap(runner, "run_step", "prepare")
         self.timer.wrap(runner.model, "forward", "forward")
@@ -195,20 +196,21 @@ class StepRecorder:
         self.timer.wrap(runner, "execute", "sample")
         self.timer.wrap(scheduler, "update_from_output", "update")
         self.timer.wrap(engine_module, "propose_drafts", "update")
-        self.timer.wrap(engine, "step", "output")
-        timed_step = engine.step
+        self.timer.wrap(engine.core, "step", "output")
+        timed_step = engine.core.step
 
         def step():
             counting = self.decode_steps >= spec.warmup + spec.steps
             transfers = HostTransfers(self.timer.phase) if counting else None
             if transfers is not None:
                 with transfers:
-                    timed_step()
+                    outputs = timed_step()
             else:
-                timed_step()
+                outputs = timed_step()
             self._record(self.timer.take(), transfers)
+            return outputs
 
-        engine.step = step
+        engine.core.step = step
 
     def _record(self, times: dict[str, float], transfers: HostTransfers | None) -> None:
         out = self.last_out
@@ -267,10 +269,11 @@ def profile(spec: RunSpec, path: Path, args) -> dict:
         max_num_seqs=spec.batch,
         max_num_batched_tokens=args.max_num_batched_tokens,
         attention_kernel=args.attention_kernel,
+        core_process=False,  # the profile times the core's step from inside: the core runs in a thread
     )
     engine = NativeEngine(cfg)
     engine.load_model()
-    vocab = engine.runner.hf_config.vocab_size
+    vocab = engine.core.runner.hf_config.vocab_size
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, vocab) for _ in range(spec.prompt_len + rng.randint(-8, 8))]

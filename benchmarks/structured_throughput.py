@@ -65,7 +65,7 @@ async def phase(
             async for delta in engine.generate(request):
                 out_lengths[i] += len(delta.token_ids)
 
-    grammars = engine.runner.grammars
+    grammars = engine.core.runner.grammars  # the core runs in a thread here (core_process=False)
     mask_s, mask_steps = grammars.mask_seconds, grammars.mask_steps
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -84,7 +84,9 @@ async def phase(
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    engine = NativeEngine(EngineConfig(max_num_seqs=args.concurrency, kv_cache_bytes=512 << 20))
+    engine = NativeEngine(
+        EngineConfig(max_num_seqs=args.concurrency, kv_cache_bytes=512 << 20, core_process=False)
+    )
     await engine.start()
     try:
         tokenizer = engine.tokenizer

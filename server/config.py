@@ -68,6 +68,9 @@ class EngineConfig:
     # num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, disable_by_batch_size. On backend
     # native, --speculative-config and vllm.speculative_config set it. None: no speculation.
     speculative_config: dict[str, Any] | None = None
+    # The engine core (scheduler, KV cache, runner, sampler, drafter) in a process of its own, exchanging one
+    # message per step with the HTTP process; false: in a thread of the HTTP process (tests, debugging)
+    core_process: bool = True
 
 
 @dataclass(slots=True)

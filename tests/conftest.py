@@ -291,6 +291,16 @@ def delta_text(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
 
 
+@pytest.fixture(params=["thread", "process"])
+def core_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice: tests.engine_helpers.start_engine puts the engine core in a thread of the test
+    process, then in a process of its own (engine.core_process)."""
+    from tests import engine_helpers
+
+    monkeypatch.setattr(engine_helpers, "CORE_PROCESS", request.param == "process")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread() -> Iterator[None]:
     """Tiny models run several times faster on one intra-op thread; model test modules use it for all their

@@ -48,11 +48,28 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+# Where start_engine runs the engine core unless told: in a thread (tests that look inside the core need it),
+# or in a process of its own; the core_mode fixture (tests/conftest.py) runs a test in both.
+CORE_PROCESS = False
+
+
 def start_engine(model_dir: Path | None, **overrides) -> NativeEngine:
+    overrides.setdefault("core_process", CORE_PROCESS)
     cfg = EngineConfig(model=str(model_dir) if model_dir else None, **overrides)
     engine = NativeEngine(cfg)
     engine.load_model()
     return engine
+
+
+def assert_kv_all_free(engine: NativeEngine) -> None:
+    """No request left and every KV block free: as the core last reported it (both modes), and inside the
+    core with the block pool's invariants (thread mode)."""
+    load = engine.load()
+    assert (load.num_running, load.num_waiting, load.kv_usage) == (0, 0, 0.0), load
+    if engine.core is not None:
+        kv = engine.core.scheduler.kv
+        kv.check_invariants()
+        assert kv.num_free_blocks() == kv.num_blocks and not engine.core.scheduler.has_unfinished()
 
 
 def run_requests(engine: NativeEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[dict]:
@@ -82,7 +99,7 @@ def run_requests(engine: NativeEngine, prompts: list[list[int]], params: list[Sa
 def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
     """Wrap the engine's sampler to keep, per request, the logits it was given at each step."""
     seen: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.runner.sampler
+    sampler = engine.core.runner.sampler
     original = sampler.__call__
 
     def recording(logits, reqs, drafts=None):
@@ -91,7 +108,7 @@ def record_logits(engine: NativeEngine) -> dict[str, list[torch.Tensor]]:
             seen.setdefault(req.request_id, []).append(row.clone())
         return original(logits, reqs, drafts)
 
-    engine.runner.sampler = type(
+    engine.core.runner.sampler = type(
         "Recording", (), {"__call__": staticmethod(recording), "release": sampler.release}
     )()
     return seen

@@ -11,6 +11,8 @@ from server.engine_api import GenerateRequest
 from server.scheduler.request import Request, SamplingParams
 from tests.engine_helpers import make_tiny_llama, run_requests, smollm_dir, start_engine
 
+pytestmark = pytest.mark.usefixtures("core_mode")  # each test with the core in a thread, then in a process
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -22,7 +22,7 @@ def test_llama_with_triton_paged_attention(tmp_path):
     model_dir = make_tiny_llama(tmp_path)
     prompts = random_prompts(3, 49152, seed=3)
     _, engine = check_parity(model_dir, prompts, max_new=5, attention_kernel="triton", num_kv_blocks=64)
-    assert engine.runner.attention_kernel == "triton"
+    assert engine.core.runner.attention_kernel == "triton"
 
 
 def test_glm5_with_triton_mla_and_sparse_topk(tmp_path):
@@ -31,4 +31,4 @@ def test_glm5_with_triton_mla_and_sparse_topk(tmp_path):
     _, engine = check_parity(
         model_dir, prompts, max_new=4, attention_kernel="triton", num_kv_blocks=64, max_num_batched_tokens=48
     )
-    assert engine.runner.attention_kernel == "triton"
+    assert engine.core.runner.attention_kernel == "triton"

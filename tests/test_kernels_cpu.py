@@ -138,7 +138,7 @@ def test_llama_engine_with_cpu_kernel_matches_transformers(tmp_path):
         _, engine = check_parity(
             model_dir, prompts, max_new=6, attention_kernel="cpu", num_kv_blocks=64, max_num_batched_tokens=64
         )
-    assert engine.runner.attention_kernel == "cpu"
+    assert engine.core.runner.attention_kernel == "cpu"
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):

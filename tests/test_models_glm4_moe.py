@@ -58,7 +58,7 @@ def test_glm4_moe_parity_with_chunked_prefill(tmp_path, glm_tokenizer, kernel):
         block_size=16,
         attention_kernel=kernel,
     )
-    assert engine.runner.attention_kernel == kernel
+    assert engine.core.runner.attention_kernel == kernel
     print(f"glm4_moe ({kernel} kernel): max relative logit difference {worst:.1e}")
 
 

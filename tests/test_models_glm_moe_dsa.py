@@ -68,12 +68,12 @@ def test_kv_cache_layout_of_glm5():
 
 def test_runs_in_bfloat16_with_fp32_routing(tiny_glm5):
     engine = start_engine(tiny_glm5, dtype="bfloat16", num_kv_blocks=32, max_num_batched_tokens=32)
-    model = engine.runner.model
+    model = engine.core.runner.model
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     router = model.layers[1].mlp.gate
     assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
     assert model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
-    caches = engine.runner.kv_caches
+    caches = engine.core.runner.kv_caches
     assert caches[0].rows.dtype == caches[0].index_keys.dtype == torch.bfloat16
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 3
     results = run_requests(engine, random_prompts(3, 700, seed=6), params)

@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -244,8 +245,9 @@ def test_shorter_requests_pass_a_long_prompt_waiting_for_its_prefill_turn():
     assert sum(chunks.values()) == 1024
 
 
-def tiny_counted_engine(tmp_path, max_position_embeddings: int, **overrides) -> tuple[Any, list[int]]:
-    """The native engine on a tiny random llama (fast prefill), and a count of the steps it has run."""
+def tiny_counted_engine(tmp_path, max_position_embeddings: int, **overrides) -> tuple[Any, Callable[[], int]]:
+    """The native engine on a tiny random llama (fast prefill), and the count of the steps it has run as
+    far as its outputs have reached the front end."""
     from transformers import LlamaForCausalLM
 
     from tests.engine_helpers import smollm_dir, start_engine, tiny_llama_config
@@ -256,26 +258,19 @@ def tiny_counted_engine(tmp_path, max_position_embeddings: int, **overrides) -> 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm_dir() / name, model_dir / name)
     engine = start_engine(model_dir, attention_kernel="reference", num_threads=1, **overrides)
-    steps = [0]
-    original_step = engine.step
-
-    def counting_step() -> None:
-        steps[0] += 1
-        original_step()
-
-    engine.step = counting_step  # type: ignore[method-assign]
-    return engine, steps
+    return engine, lambda: int(engine.stats()["num_steps_total"])
 
 
-async def first_token_step(engine: Any, steps: list[int], request: GenerateRequest) -> int:
+async def first_token_step(engine: Any, steps: Callable[[], int], request: GenerateRequest) -> int:
     async for _ in engine.generate(request):
-        return steps[0]
+        return steps()
     raise AssertionError("no output")
 
 
 GREEDY = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
 
+@pytest.mark.usefixtures("core_mode")
 def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_few_steps(tmp_path):
     engine, steps = tiny_counted_engine(
         tmp_path, 16384, max_num_batched_tokens=1024, max_model_len=9000, num_kv_blocks=1200
@@ -288,9 +283,9 @@ def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_
             long = asyncio.ensure_future(
                 first_token_step(engine, steps, GenerateRequest("long", long_prompt, GREEDY))
             )
-            while steps[0] < 2:  # the long prefill is under way
+            while steps() < 2:  # the long prefill is under way
                 await asyncio.sleep(0.001)
-            arrived = steps[0]
+            arrived = steps()
             short_step = await first_token_step(
                 engine, steps, GenerateRequest("short", [7, 8, 9, 10], GREEDY)
             )
@@ -303,6 +298,7 @@ def test_engine_short_request_behind_an_8k_prompt_gets_its_first_token_within_a_
     assert short_step < long_step  # before the 8k prompt's own first token (8+ steps of prefill)
 
 
+@pytest.mark.usefixtures("core_mode")
 def test_engine_another_clients_request_passes_a_64_prompt_batch(tmp_path):
     """One client's 64 prompts of 100 tokens take ~13 steps to admit (512 tokens a step); a short
     request from another client arriving meanwhile is admitted at its client's next turn."""
@@ -320,9 +316,9 @@ def test_engine_another_clients_request_passes_a_64_prompt_batch(tmp_path):
             batch = [
                 asyncio.ensure_future(first_token_step(engine, steps, batch_request(i))) for i in range(64)
             ]
-            while steps[0] < 2:  # the batch is being admitted
+            while steps() < 2:  # the batch is being admitted
                 await asyncio.sleep(0.001)
-            arrived = steps[0]
+            arrived = steps()
             short = GenerateRequest("short", [7, 8, 9, 10], GREEDY, client="other")
             short_step = await first_token_step(engine, steps, short)
             return arrived, short_step, await asyncio.gather(*batch)

@@ -205,8 +205,8 @@ def test_only_the_choices_cross_to_the_host(tiny_dir):
     """Every sampler call of a mixed run (seeded, penalties, logprobs, a grammar, drafts) makes one
     device -> host transfer, far smaller than a row of logits."""
     engine = start_engine(tiny_dir, num_kv_blocks=64)
-    engine.spec_config, engine.drafter = SpeculativeConfig("ngram", 2), RepeatLast()
-    sampler = engine.runner.sampler
+    engine.core.spec_config, engine.core.drafter = SpeculativeConfig("ngram", 2), RepeatLast()
+    sampler = engine.core.runner.sampler
     calls: list[HostTransfers] = []
 
     def watched(logits, reqs, drafts=None):
@@ -216,7 +216,7 @@ def test_only_the_choices_cross_to_the_host(tiny_dir):
         calls.append(transfers)
         return results
 
-    engine.runner.sampler = type(
+    engine.core.runner.sampler = type(
         "Watched", (), {"__call__": staticmethod(watched), "release": sampler.release}
     )()
     prompt = list(range(300, 332))
@@ -228,7 +228,7 @@ def test_only_the_choices_cross_to_the_host(tiny_dir):
     ]
     results = run_requests(engine, [prompt] * len(params), params)
     assert all(r["tokens"] for r in results)
-    assert engine.scheduler.spec_stats.num_drafts > 0
+    assert engine.core.scheduler.spec_stats.num_drafts > 0
     assert calls and all(dict(c.calls) == {"sample": 1} for c in calls)
-    vocab = engine.runner.hf_config.vocab_size
+    vocab = engine.core.runner.hf_config.vocab_size
     assert max(c.largest for c in calls) < vocab // 100

@@ -3,13 +3,21 @@ equal those without (all drafts right, some wrong, under preemption and prefix-c
 free afterwards, and aborts in the middle of speculative steps leave nothing behind."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from backends.spec_decode.config import SpeculativeConfig
 from server.engine_api import GenerateRequest
 from server.scheduler.request import Request, SamplingParams
-from tests.engine_helpers import make_tiny_llama, one_torch_thread, random_prompts, run_requests, start_engine
+from tests.engine_helpers import (
+    assert_kv_all_free,
+    make_tiny_llama,
+    one_torch_thread,
+    random_prompts,
+    run_requests,
+    start_engine,
+)
 
 K = 3
 
@@ -43,16 +51,16 @@ class OracleDrafter:
 
 
 def with_drafter(engine, drafter, **spec):
-    engine.spec_config = SpeculativeConfig("ngram", K, **spec)
-    engine.drafter = drafter
+    engine.core.spec_config = SpeculativeConfig("ngram", K, **spec)
+    engine.core.drafter = drafter
     steps = [0]
-    original = engine.step
+    original = engine.core.step
 
     def counting_step():
         steps[0] += 1
-        original()
+        return original()
 
-    engine.step = counting_step
+    engine.core.step = counting_step
     return steps
 
 
@@ -74,7 +82,7 @@ def test_greedy_with_drafts_equals_without(tiny_dir, wrong_every, num_kv_blocks)
     with one_torch_thread():
         plain_engine = start_engine(tiny_dir, **args)
         plain_steps = with_drafter(plain_engine, None)
-        plain_engine.spec_config = None
+        plain_engine.core.spec_config = None
         expected = [r["tokens"] for r in run_requests(plain_engine, prompts, params)]
         engine = start_engine(tiny_dir, **args)
         drafter = OracleDrafter(prompts, expected, wrong_every)
@@ -82,7 +90,7 @@ def test_greedy_with_drafts_equals_without(tiny_dir, wrong_every, num_kv_blocks)
         got = run_requests(engine, prompts, params)
     assert [r["tokens"] for r in got] == expected
     assert all(r["finish_reason"] == "length" for r in got)
-    stats = engine.scheduler.spec_stats
+    stats = engine.core.scheduler.spec_stats
     assert stats.num_draft_tokens > 0
     if wrong_every == 0:  # every draft right: all accepted, fewer steps
         assert stats.num_accepted_tokens == stats.num_draft_tokens
@@ -90,9 +98,9 @@ def test_greedy_with_drafts_equals_without(tiny_dir, wrong_every, num_kv_blocks)
     else:
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     if num_kv_blocks == 24:
-        assert engine.scheduler.num_preemptions_total > 0
-    assert engine.scheduler.prefix_cache_hits_total > 0
-    kv = engine.scheduler.kv
+        assert engine.core.scheduler.num_preemptions_total > 0
+    assert engine.core.scheduler.prefix_cache_hits_total > 0
+    kv = engine.core.scheduler.kv
     kv.check_invariants()
     assert kv.num_free_blocks() == kv.num_blocks
 
@@ -126,9 +134,9 @@ def test_aborts_mid_speculation_free_every_block(tiny_dir):
     for i, tokens in enumerate(results):
         if i % 2 == 0:
             assert tokens == plain[i]["tokens"]
-    kv = engine.scheduler.kv
+    kv = engine.core.scheduler.kv
     kv.check_invariants()
-    assert kv.num_free_blocks() == kv.num_blocks and not engine.scheduler.has_unfinished()
+    assert kv.num_free_blocks() == kv.num_blocks and not engine.core.scheduler.has_unfinished()
 
 
 def test_stop_token_among_accepted_drafts_drops_the_rest(tiny_dir):
@@ -157,10 +165,34 @@ def test_seeded_sampling_with_drafts_reproduces(tiny_dir):
             engine = start_engine(tiny_dir, num_kv_blocks=64)
             with_drafter(engine, OracleDrafter(prompts, plain))  # greedy drafts: some accepted, some not
             runs.append(run_requests(engine, prompts, params))
-            assert engine.scheduler.spec_stats.num_draft_tokens > 0
+            assert engine.core.scheduler.spec_stats.num_draft_tokens > 0
     assert runs[0] == runs[1]
 
 
 def test_mtp_on_a_model_without_an_mtp_layer_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="llama has none: use method ngram"):
         start_engine(tiny_dir, num_kv_blocks=16, speculative_config={"method": "mtp"})
+
+
+def test_stop_string_inside_a_step_of_accepted_drafts_cuts_there(tiny_dir):
+    """All drafts right: each step hands the output processor several tokens, and a stop string that ends
+    in the middle of them ends the choice there, as without speculation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = workload()[0][:3]
+    greedy = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True) for _ in prompts]
+    with one_torch_thread():
+        plain = run_requests(start_engine(tiny_dir, num_kv_blocks=64), prompts, greedy)
+        stops = []
+        for p, r in zip(greedy, plain, strict=True):
+            head = len(tokenizer.decode(r["tokens"][:7]))  # the stop string starts with the 8th token's text
+            stops.append(dataclasses.replace(p, stop=[r["text"][head : head + 3]]))
+        expected = run_requests(start_engine(tiny_dir, num_kv_blocks=64), prompts, stops)
+        engine = start_engine(tiny_dir, num_kv_blocks=64)
+        with_drafter(engine, OracleDrafter(prompts, [r["tokens"] for r in plain]))
+        got = run_requests(engine, prompts, stops)
+    assert got == expected
+    assert all(r["finish_reason"] == "stop" and len(r["tokens"]) < 30 for r in got)
+    assert engine.core.scheduler.spec_stats.num_accepted_tokens > 0
+    assert_kv_all_free(engine)

@@ -101,12 +101,12 @@ def test_greedy_with_mtp_equals_without(model_dir, num_kv_blocks):
     args = dict(num_kv_blocks=num_kv_blocks, max_num_batched_tokens=96)
     plain = run_requests(start_engine(model_dir, **args), prompts, params)
     engine = start_engine(model_dir, speculative_config=MTP, **args)
-    assert engine.runner.model.mtp is not None
+    assert engine.core.runner.model.mtp is not None
     assert run_requests(engine, prompts, params) == plain
-    stats = engine.scheduler.spec_stats
+    stats = engine.core.scheduler.spec_stats
     assert stats.num_draft_tokens > 0
     if num_kv_blocks == 14:
-        assert engine.scheduler.num_preemptions_total > 0
-    kv = engine.scheduler.kv
+        assert engine.core.scheduler.num_preemptions_total > 0
+    kv = engine.core.scheduler.kv
     kv.check_invariants()
     assert kv.num_free_blocks() == kv.num_blocks

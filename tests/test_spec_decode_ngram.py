@@ -8,7 +8,7 @@ import pytest
 
 from server.engine_api import GenerateRequest
 from server.scheduler.request import SamplingParams
-from tests.engine_helpers import smollm_dir, start_engine
+from tests.engine_helpers import assert_kv_all_free, smollm_dir, start_engine
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 TEXTS = [
@@ -67,6 +67,7 @@ def run(engine, prompts):
     return asyncio.run(main())
 
 
+@pytest.mark.usefixtures("core_mode")
 @pytest.mark.parametrize("num_kv_blocks", [12])  # 12 blocks of 16 tokens: requests are preempted
 def test_ngram_outputs_equal_plain_outputs(prompts, num_kv_blocks):
     plain = run(start_engine(None, num_kv_blocks=num_kv_blocks), prompts)
@@ -84,6 +85,4 @@ def test_ngram_outputs_equal_plain_outputs(prompts, num_kv_blocks):
     assert stats["prefix_cache_hits_total"] > 0
     if num_kv_blocks == 12:
         assert stats["num_preemptions_total"] > 0
-    kv = engine.scheduler.kv
-    kv.check_invariants()
-    assert kv.num_free_blocks() == kv.num_blocks
+    assert_kv_all_free(engine)

@@ -96,15 +96,16 @@ def test_constrained_requests_survive_preemption(smol):
         max_tokens=40, temperature=1.0, seed=9, structured=StructuredOutput("regex", "[a-z]{30}")
     )
     results = run_requests(engine, [prompt] * 5, [*constrained, regex])
-    assert engine.scheduler.num_preemptions_total > 0
-    assert engine.runner.grammars.num_rebuilt > 0
+    assert engine.core.scheduler.num_preemptions_total > 0
+    assert engine.core.runner.grammars.num_rebuilt > 0
     for result in results[:4]:
         value = json.loads(result["text"])
         assert set(value) == {"name", "n"} and 0 <= value["n"] <= 999 and len(value["name"]) == 40
     assert re.fullmatch("[a-z]{30}", results[4]["text"])
-    assert not engine.runner.grammars._states  # released when the requests finished
+    assert not engine.core.runner.grammars._states  # released when the requests finished
 
 
+@pytest.mark.usefixtures("core_mode")
 def test_logit_bias_and_min_tokens_with_a_grammar(smol):
     engine = start_engine(None, kv_cache_bytes=32 << 20)
     prompt = _chat(smol, "Pick.")

@@ -39,7 +39,7 @@ def start_engine(model_dir, tp: int, **overrides):
 
 def greedy(engine, prompts):
     """Tokens and per-step logits of every prompt, and the worker processes the engine had."""
-    procs = list(engine.runner.workers.procs) if engine.runner.workers else []
+    procs = list(engine.core.runner.workers.procs) if engine.core.runner.workers else []
     logits = record_logits(engine)
     params = [SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True) for _ in prompts]
     results = run_requests(engine, prompts, params)
@@ -161,7 +161,7 @@ def test_worker_that_fails_to_load_is_reported(tmp_path):
 def _fail_worker(tmp_path, sig: signal.Signals) -> str:
     """Run one request, hit the worker with `sig`, run another: returns the engine's error."""
     engine = start_engine(make_tiny_llama(tmp_path), 2)
-    [worker] = engine.runner.workers.procs
+    [worker] = engine.core.runner.workers.procs
     prompt = random_prompts(1, 49152)[0]
 
     async def main():
